@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv when it is missing or stale.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BOSON_SPEC ?= boson-multimodal==0.1.1
+DEMO_RUN ?= fixtures/runs/eval-loss-missing
+DEMO_OUT ?= higgs-diag-report
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.higgs-diag-installed
+
+.PHONY: demo test venv docs bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[model,test]"
+	$(PY) -m pip install --quiet --no-deps "$(BOSON_SPEC)"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@echo "higgs-diag analyze $(DEMO_RUN) --output $(DEMO_OUT)" >&2
+	@$(VENV)/bin/higgs-diag analyze $(DEMO_RUN) --output $(DEMO_OUT) --fail-on never
+	@echo "" >&2
+	@echo "Report written to $(DEMO_OUT)/ (report.html, report.md, report.json, plots/)" >&2
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+docs: $(STAMP)
+	$(PY) -m higgs_diag.checks.docgen > docs/checks.md
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_analyze.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,110 @@
+"""Small helpers shared by the checks (formatting evidence, picking series)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def fmt(v: float) -> str:
+    """A value as a user reads it in a log: 4 significant digits, nan/inf spelled out."""
+    if v is None:
+        return "none"
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Inf" if x > 0 else "-Inf"
+    if x == 0:
+        return "0.0"
+    if abs(x) >= 1e5 or abs(x) < 1e-3:
+        return f"{x:.3g}"
+    return f"{x:.4g}"
+
+
+def step_span(s: pd.Series) -> tuple[int, int] | None:
+    if s.empty:
+        return None
+    return int(s.index[0]), int(s.index[-1])
+
+
+def finite(s: pd.Series) -> pd.Series:
+    return s[np.isfinite(s.to_numpy(dtype="float64"))]
+
+
+def audio_loss_metrics(run) -> list[str]:
+    """Every audio-loss series a trainer may log: total, per codebook, train and eval."""
+    out = []
+    for m in run.metrics:
+        base = m[5:] if m.startswith("eval_") else m
+        if base == "audio_loss" or base.startswith("audio_loss_") or base.startswith("audio_ce") \
+                or (base.startswith("codebook") and "loss" in base):
+            out.append(m)
+    return out
+
+
+# ---- run classification (used by the generic checks to stay quiet where a rule does not apply) -------
+
+# Log keys that only preference / RL trainers (TRL's DPO, ORPO, KTO, GRPO, PPO) write: their `loss` is
+# not a cross-entropy, it may be negative and need not fall, so loss-curve rules do not apply to it.
+_NON_CE_KEY_PREFIXES = ("rewards/", "logps/", "logits/chosen", "logits/rejected", "completions/",
+                        "clip_ratio", "reward", "kl", "policy/", "objective/", "odds_ratio", "nll_loss")
+
+
+def is_higgs_run(run) -> bool:
+    """True when the run trains a Higgs Audio model: its model config says ``higgs_audio`` (or the
+    transformers port ``higgs_audio_v2``) or carries ``audio_*`` keys, or an audio loss was logged."""
+    cfg = getattr(run, "model_config", None) or {}
+    if isinstance(cfg, dict):
+        mt = str(cfg.get("model_type") or "").lower()
+        if mt.startswith("higgs_audio"):
+            return True
+        if any(str(k).startswith("audio_") for k in cfg):
+            return True
+    return bool(audio_loss_metrics(run))
+
+
+def loss_not_cross_entropy(run) -> str | None:
+    """Why the logged ``loss`` is not a cross-entropy whose rises and falls mean something, or None.
+
+    Preference/RL trainers (keys such as ``rewards/chosen``, ``logps/rejected``, ``kl``) log an
+    objective that can be negative and need not fall; a negative loss value says the same.
+    """
+    keys = [m for m in run.metrics if any(m.startswith(p) for p in _NON_CE_KEY_PREFIXES)]
+    if keys:
+        return f"preference/RL objective (logged keys such as {', '.join(keys[:3])})"
+    loss = finite(run.series("loss"))
+    if not loss.empty and float(loss.min()) < 0:
+        return f"the loss takes negative values (min {fmt(loss.min())} at step {int(loss.idxmin())})"
+    return None
+
+
+def rolling_median(s: pd.Series, window: int) -> pd.Series:
+    """Centred rolling median over ``window`` logged points (finite points only, edges use what exists)."""
+    s = finite(s)
+    w = max(1, int(window))
+    if w <= 1 or s.empty:
+        return s
+    return s.rolling(w, center=True, min_periods=1).median()
+
+
+def smoothing_window(n_points: int, fraction: float, minimum: int = 1, maximum: int = 200) -> int:
+    """A smoothing window of ``fraction`` of the logged points, kept odd and within [minimum, maximum]."""
+    w = int(round(n_points * fraction))
+    w = max(minimum, min(maximum, w))
+    if w % 2 == 0:
+        w += 1
+    return max(1, min(w, max(1, n_points)))
+
+
+def state_or_arg(run, state_field: str, arg_name: str | None = None):
+    """A setting from the trainer state when it has it, else from the TrainingArguments (or None)."""
+    st = getattr(run, "state", None)
+    v = getattr(st, state_field, None) if st is not None else None
+    if v is None and arg_name is not None:
+        v = run.arg(arg_name)
+    return v

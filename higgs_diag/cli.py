@@ -1,0 +1,118 @@
+"""`higgs-diag`: a thin click shell over the library (parse options, call, render, exit code)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import Thresholds
+from .diagnosis import Severity
+
+FAIL_ON = ("info", "warning", "critical", "never")
+
+
+def _thresholds(config_file: str | None, sets: tuple[str, ...]) -> Thresholds:
+    try:
+        t = Thresholds.from_file(config_file) if config_file else Thresholds()
+        items = {}
+        for item in sets:
+            if "=" not in item:
+                raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+            k, v = item.split("=", 1)
+            items[k] = v
+        return t.with_overrides(items)
+    except (OSError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _exit_code(diag, fail_on: str) -> int:
+    if fail_on == "never":
+        return 0
+    return 1 if diag.at_or_above(Severity.parse(fail_on)) else 0
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="higgs-diag")
+def main() -> None:
+    """Find the root cause of a failed or suspicious Higgs Audio v2 fine-tuning run."""
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
+              show_default=True, help="What to print on stdout.")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write report.json, report.md, report.html and plots/*.png into this folder.")
+@click.option("--log", "logs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A console log of the run (repeatable); *.log files in RUN_DIR are read anyway.")
+@click.option("--fail-on", type=click.Choice(FAIL_ON), default="warning", show_default=True,
+              help="Exit 1 when a finding is at or above this severity.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+              help="Override a threshold, e.g. --set audio_loss_warning=0.02 (see `higgs-diag checks`).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A JSON or TOML file of threshold overrides.")
+@click.option("--color/--no-color", default=None, help="Colour the terminal report (default: on a TTY, "
+                                                        "unless NO_COLOR is set).")
+def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, sets, config_file, color) -> None:
+    """Read RUN_DIR (an output_dir, a checkpoint, a logging folder or a trainer_state.json), run every check
+    and print a root-cause report."""
+    from .api import diagnose
+    from .report import render, write_reports
+    from .run.discover import RunReadError
+    from .run.load import load_run
+
+    thresholds = _thresholds(config_file, sets)
+    try:
+        run = load_run(run_dir, log_files=list(logs))
+    except RunReadError as e:
+        click.echo(f"higgs-diag: error: {e}", err=True)
+        sys.exit(2)
+    diag = diagnose(run, thresholds)
+    if output is not None:
+        try:
+            paths = write_reports(diag, run, output)
+        except OSError as e:
+            click.echo(f"higgs-diag: error: cannot write the report to {output}: {e.strerror or e}", err=True)
+            sys.exit(2)
+        click.echo(f"higgs-diag: wrote {', '.join(str(p) for k, p in paths.items() if k != 'plots')}", err=True)
+    if fmt == "text":
+        from .report.text import render_text, should_color
+
+        use_color = should_color(sys.stdout) if color is None else color
+        click.echo(render_text(diag, run, color=use_color), nl=False)
+    else:
+        click.echo(render(diag, run, fmt), nl=False)
+    sys.exit(_exit_code(diag, fail_on))
+
+
+@main.command("checks")
+def list_checks() -> None:
+    """List the checks: code, category, scope and what each detects."""
+    from .checks import all_codes
+
+    for code, (c, category) in all_codes().items():
+        click.echo(f"{code}  {category:<22} {c.scope:<8} {c.summary}")
+    click.echo("\nThresholds (override with --set NAME=VALUE):")
+    for name in Thresholds.names():
+        click.echo(f"  {name} = {getattr(Thresholds(), name)!r}")
+
+
+@main.command()
+@click.argument("code")
+def explain(code: str) -> None:
+    """Print the documentation of one check, e.g. `higgs-diag explain HD101`."""
+    from .checks import all_codes
+
+    codes = all_codes()
+    entry = codes.get(code.upper())
+    if entry is None:
+        raise click.UsageError(f"unknown check code {code!r}; `higgs-diag checks` lists them")
+    c, category = entry
+    click.echo(f"{code.upper()} {category} ({c.scope})\n")
+    click.echo(c.doc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,117 @@
+"""Named thresholds of the checks, with the seed defaults. Override from the CLI (``--set NAME=VALUE``)
+or a JSON/TOML file (``--config FILE``, a flat table of the names below)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # audio-loss monitor (seed 004)
+    audio_loss_warning: float = 0.01
+    audio_loss_critical: float = 0.005
+    audio_sustained_window: int = 100
+    # copy-task signature: audio loss below this fraction of its starting value ...
+    collapse_fraction: float = 0.01
+    # ... within this many steps of the first logged point
+    collapse_within_steps: int = 1000
+    # no-learning: share of steps with grad_norm exactly 0
+    zero_grad_share: float = 0.9
+    # loss-divergence: final loss above running minimum by this factor (and no recovery)
+    divergence_factor: float = 1.5
+    # grad-explosion: grad_norm above this multiple of its rolling median
+    grad_spike_factor: float = 10.0
+    grad_spike_window: int = 50
+    # loss-plateau: no relative improvement larger than this over the window (in steps)
+    plateau_window_fraction: float = 0.3
+    plateau_min_improvement: float = 0.01
+    # overfitting: number of consecutive evaluations above the eval_loss minimum
+    overfit_min_evals: int = 3
+    overfit_rise_fraction: float = 0.05
+    # suspicious constants a fallback writes instead of a real loss
+    suspicious_constants: tuple = (0.0, 0.001)
+    # recommended learning-rate range for Higgs Audio fine-tuning (seed 000)
+    lr_recommended_min: float = 5e-6
+    lr_recommended_max: float = 1e-4
+    # ---- numerics / optimisation / schedule / resume checks (HD301-HD501, HD701) ----
+    # fewest logged points a trend rule (flat loss, divergence, spikes) needs before it says anything
+    trend_min_points: int = 5
+    # non-finite: share of logged grad_norm points (or of masked loss points) from which the run
+    # counts as broken (critical) rather than a few skipped steps (warning/info)
+    nonfinite_critical_share: float = 0.1
+    # nan-masked: consecutive logged steps of a loss pinned to a suspicious constant with grad_norm 0
+    # (or non-finite) before it counts as a fallback constant rather than a stray batch
+    masked_min_steps: int = 3
+    # no-learning: the loss counts as flat when (max - min) <= this fraction of its median magnitude
+    flat_loss_rel_range: float = 1e-3
+    # smoothing of the loss curve: rolling median over this fraction of the logged points
+    smooth_fraction: float = 0.05
+    # loss-divergence: the rise must hold over this last fraction of the logged points ...
+    divergence_tail_fraction: float = 0.1
+    # ... and exceed the running minimum by at least this much in loss units (nats for a CE loss)
+    divergence_min_rise: float = 0.1
+    # grad-explosion: logged points of history the rolling median needs before a spike is judged
+    grad_spike_min_history: int = 5
+    # grad-explosion: a loss above this multiple of its trailing median at/after a spike is a loss jump
+    loss_jump_factor: float = 1.5
+    # grad-explosion: spikes are frequent at >= max(grad_spike_frequent_min, share x logged points)
+    grad_spike_frequent_min: int = 3
+    grad_spike_frequent_share: float = 0.02
+    # loss-plateau: fewest logged points inside the plateau window
+    plateau_min_points: int = 6
+    # loss-plateau: skip when the final lr is below this fraction of the peak (the schedule ran down)
+    plateau_lr_fraction: float = 0.1
+    # lr-schedule: relative tolerance when comparing a learning rate to its peak or configured value
+    lr_rel_tolerance: float = 0.01
+    # lr-schedule: logged points with lr == 0 (besides a single first/last one) before it counts as stuck
+    lr_zero_min_points: int = 3
+    # resume-discontinuity: a step gap above this multiple of logging_steps counts as missing logs
+    resume_gap_factor: float = 3.0
+
+    def replace(self, **changes: Any) -> "Thresholds":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def with_overrides(self, items: dict[str, Any]) -> "Thresholds":
+        """Apply ``{name: value}`` (values may be strings from the CLI); unknown names raise ValueError."""
+        known = {f.name: f for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for name, raw in items.items():
+            key = name.strip().replace("-", "_")
+            if key not in known:
+                raise ValueError(f"unknown threshold {name!r}; known: {', '.join(known)}")
+            default = getattr(self, key)
+            try:
+                if isinstance(default, tuple):
+                    vals = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+                    value: Any = tuple(float(v) for v in vals)
+                elif isinstance(default, int) and not isinstance(default, bool):
+                    value = int(raw)
+                else:
+                    value = float(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"threshold {name!r} needs a number, got {raw!r}") from None
+            changes[key] = value
+        return self.replace(**changes)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Thresholds":
+        p = Path(path)
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() == ".toml":
+            import tomllib  # Python 3.11+
+
+            data = tomllib.loads(text)
+            data = data.get("thresholds", data)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a table of threshold names")
+        return cls().with_overrides(data)

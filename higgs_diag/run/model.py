@@ -1,0 +1,192 @@
+"""The data model of a read run: what every reader produces and every check consumes.
+
+A ``Run`` holds one tidy long scalars DataFrame with columns
+``step`` (int64), ``metric`` (str, canonical name), ``value`` (float64, NaN/Inf kept),
+``source`` (str, ``trainer_state`` or ``tensorboard``), ``wall_time`` (float64, NaN when unknown),
+``file`` (str, the file the point came from) and ``segment`` (int, 0 for the first training session,
++1 at each resume detected in that file's sequence of steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SCALAR_COLUMNS = ["step", "metric", "value", "source", "wall_time", "file", "segment"]
+
+
+def empty_scalars() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "step": pd.Series([], dtype="int64"),
+            "metric": pd.Series([], dtype="object"),
+            "value": pd.Series([], dtype="float64"),
+            "source": pd.Series([], dtype="object"),
+            "wall_time": pd.Series([], dtype="float64"),
+            "file": pd.Series([], dtype="object"),
+            "segment": pd.Series([], dtype="int64"),
+        }
+    )
+
+
+@dataclass
+class ReadProblem:
+    """Something in a file that could not be read (fully). Becomes a finding; never a traceback."""
+
+    file: str
+    message: str
+    offset: int | None = None  # byte offset, for binary files
+    kind: str = "unreadable"  # unreadable | truncated | crc | not-trainer-state | lfs-pointer | empty
+    fatal: bool = False  # True when nothing of the file could be used
+
+    def __str__(self) -> str:
+        where = f" at byte {self.offset}" if self.offset is not None else ""
+        return f"{self.file}{where}: {self.message}"
+
+
+@dataclass
+class TrainerStateInfo:
+    """The scalar fields of one trainer_state.json (its log_history goes into the scalars)."""
+
+    path: str
+    global_step: int | None = None
+    max_steps: int | None = None
+    num_train_epochs: float | None = None
+    logging_steps: int | None = None
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    train_batch_size: int | None = None
+    best_metric: Any = None
+    best_model_checkpoint: str | None = None
+    n_entries: int = 0
+    entries_without_step: int = 0
+    is_hyper_param_search: bool | None = None
+    # The raw eval entries grouped by step: {step: [entry, ...]}, kept for the checks that need to know
+    # which keys an evaluation logged (eval_runtime without eval_loss).
+    eval_entry_keys: dict[int, list[list[str]]] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    step: int | None
+    files: list[str]
+
+    @property
+    def has_trainer_state(self) -> bool:
+        return "trainer_state.json" in self.files
+
+    @property
+    def has_full_model(self) -> bool:
+        return any(
+            f in self.files
+            for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                      "pytorch_model.bin.index.json")
+        )
+
+    @property
+    def has_adapter(self) -> bool:
+        return any(f.startswith("adapter_model.") for f in self.files) or any(
+            f.startswith("lora_adapters/") for f in self.files
+        )
+
+    @property
+    def has_optimizer(self) -> bool:
+        return "optimizer.pt" in self.files
+
+    @property
+    def has_training_args_bin(self) -> bool:
+        return "training_args.bin" in self.files
+
+    @property
+    def rng_state_files(self) -> list[str]:
+        return [f for f in self.files if f.startswith("rng_state") and f.endswith(".pth")]
+
+
+@dataclass
+class LogEvent:
+    """A message that matters, found in a console log."""
+
+    kind: str  # metric-keyerror | no-loss | early-stopping-disabled | newly-initialized | rng-unpickling | traceback | nan-warning
+    file: str
+    line: int  # 1-based
+    text: str
+    step: int | None = None
+
+
+@dataclass
+class Run:
+    root: str
+    scalars: pd.DataFrame = field(default_factory=empty_scalars)
+    args: dict[str, Any] | None = None  # TrainingArguments, from the `args` text summary
+    args_file: str | None = None
+    model_config: dict[str, Any] | None = None
+    model_config_file: str | None = None
+    state: TrainerStateInfo | None = None  # the most complete trainer_state.json
+    states: list[TrainerStateInfo] = field(default_factory=list)  # all that were read
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    log_events: list[LogEvent] = field(default_factory=list)
+    problems: list[ReadProblem] = field(default_factory=list)
+    files_read: list[str] = field(default_factory=list)
+    other_files: list[str] = field(default_factory=list)  # inventoried, not read (training_args.bin)
+    _series_cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- access helpers used by the checks -------------------------------------------------------
+    @property
+    def metrics(self) -> list[str]:
+        if self.scalars.empty:
+            return []
+        return sorted(self.scalars["metric"].unique().tolist())
+
+    def has(self, metric: str) -> bool:
+        return not self.series(metric).empty
+
+    def series(self, metric: str) -> pd.Series:
+        """One value per step for ``metric``: from the source that has the most points for it
+        (trainer_state on ties), sorted by step. When a resumed run logged a step twice, the
+        later entry wins (it is what the continuing run saw). NaN/Inf are kept."""
+        if metric in self._series_cache:
+            return self._series_cache[metric]
+        df = self.scalars
+        sub = df[df["metric"] == metric] if not df.empty else df
+        if sub.empty:
+            s = pd.Series([], dtype="float64", name=metric)
+            s.index = pd.Index([], dtype="int64", name="step")
+        else:
+            counts = sub.groupby("source")["step"].size()
+            best = max(counts.index, key=lambda src: (counts[src], src == "trainer_state"))
+            sub = sub[sub["source"] == best]
+            # keep file order (appearance) then the last occurrence of each step
+            sub = sub.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
+            s = pd.Series(sub["value"].to_numpy(dtype="float64"), index=pd.Index(sub["step"].to_numpy(dtype="int64"), name="step"), name=metric)
+        self._series_cache[metric] = s
+        return s
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        if self.args and name in self.args:
+            return self.args[name]
+        return default
+
+    def config(self, name: str, default: Any = None) -> Any:
+        if self.model_config and name in self.model_config:
+            return self.model_config[name]
+        return default
+
+    @property
+    def last_step(self) -> int | None:
+        steps = []
+        if not self.scalars.empty:
+            steps.append(int(self.scalars["step"].max()))
+        if self.state and self.state.global_step is not None:
+            steps.append(int(self.state.global_step))
+        return max(steps) if steps else None
+
+    @property
+    def n_points(self) -> int:
+        return int(len(self.scalars))
+
+    def is_finite(self, metric: str) -> np.ndarray:
+        return np.isfinite(self.series(metric).to_numpy())

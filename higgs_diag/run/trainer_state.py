@@ -1,0 +1,173 @@
+"""Reading ``trainer_state.json`` (HF Trainer) into scalar columns, tolerating what users really have:
+``NaN``/``Infinity`` literals, entries without ``step``, numbers stored as strings, ``lr`` for
+``learning_rate``, several eval sets at one step, Git LFS pointers, cut-off files and JSON that is not
+a Trainer state at all."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .model import ReadProblem, TrainerStateInfo
+
+LFS_PREFIX = "version https://git-lfs.github.com/spec/"
+# Canonical names for keys some trainers log under another name.
+KEY_ALIASES = {"lr": "learning_rate", "train/loss": "loss", "eval/loss": "eval_loss"}
+_INT_FIELDS = ("global_step", "max_steps", "logging_steps", "eval_steps", "save_steps", "train_batch_size")
+
+
+@dataclass
+class StateResult:
+    info: TrainerStateInfo | None
+    steps: list[int] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    problems: list[ReadProblem] = field(default_factory=list)
+    non_numeric: int = 0  # values that were neither numbers nor numeric strings (kept out of the scalars)
+
+
+def _to_float(v) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        s = v.strip()
+        try:
+            return float(s)  # accepts "nan", "inf", "1e-5"
+        except ValueError:
+            return None
+    return None
+
+
+def _to_int(v) -> int | None:
+    f = _to_float(v)
+    if f is None or not math.isfinite(f):
+        return None
+    return int(f)
+
+
+def read_trainer_state(path: str | Path) -> StateResult:
+    p = Path(path)
+    name = str(p)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        return StateResult(None, problems=[ReadProblem(name, f"cannot read: {e.strerror or e}", fatal=True)])
+    if not raw.strip():
+        return StateResult(None, problems=[ReadProblem(name, "empty file", kind="empty", fatal=True)])
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return StateResult(None, problems=[ReadProblem(name, f"not UTF-8 text (byte {e.start})", offset=e.start,
+                                                       kind="unreadable", fatal=True)])
+    if text.startswith(LFS_PREFIX):
+        size = re.search(r"^size (\d+)", text, re.M)
+        what = f" of a {size.group(1)}-byte file" if size else ""
+        return StateResult(None, problems=[ReadProblem(
+            name, f"a Git LFS pointer{what}, not JSON: run `git lfs pull` to fetch the real file",
+            kind="lfs-pointer", fatal=True)])
+    problems: list[ReadProblem] = []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        data, salvaged = _salvage(text)
+        if data is None:
+            return StateResult(None, problems=[ReadProblem(
+                name, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", offset=e.pos,
+                kind="unreadable", fatal=True)])
+        problems.append(ReadProblem(
+            name, f"cut off or corrupt JSON ({e.msg} at byte {e.pos}); the {salvaged} log_history entries "
+                  f"before it were used", offset=e.pos, kind="truncated"))
+    if not isinstance(data, dict) or ("log_history" not in data and "global_step" not in data):
+        what = type(data).__name__ if not isinstance(data, dict) else "an object without log_history/global_step"
+        return StateResult(None, problems=problems + [ReadProblem(
+            name, f"not a HF Trainer state ({what})", kind="not-trainer-state", fatal=True)])
+
+    info = TrainerStateInfo(path=name)
+    for key in _INT_FIELDS:
+        setattr(info, key, _to_int(data.get(key)))
+    nte = _to_float(data.get("num_train_epochs"))
+    info.num_train_epochs = nte
+    info.best_metric = data.get("best_metric")
+    bmc = data.get("best_model_checkpoint")
+    info.best_model_checkpoint = bmc if isinstance(bmc, str) else None
+    info.is_hyper_param_search = data.get("is_hyper_param_search")
+
+    history = data.get("log_history")
+    res = StateResult(info, problems=problems)
+    if not isinstance(history, list):
+        if history is not None:
+            res.problems.append(ReadProblem(name, "log_history is not a list", kind="unreadable"))
+        history = []
+    if not history:
+        res.problems.append(ReadProblem(name, "empty log_history: nothing was logged before this state was saved",
+                                        kind="empty"))
+    _flatten(history, res)
+    info.n_entries = len(history)
+    return res
+
+
+def _flatten(history: list, res: StateResult) -> None:
+    steps, metrics, values = res.steps, res.metrics, res.values
+    info = res.info
+    last_step = 0
+    for entry in history:
+        if not isinstance(entry, dict):
+            res.non_numeric += 1
+            continue
+        step = _to_int(entry.get("step"))
+        if step is None:
+            info.entries_without_step += 1
+            step = last_step  # e.g. predict_* results appended after training: attach to the last step
+        else:
+            last_step = step
+        eval_keys = None
+        for key, v in entry.items():
+            if key == "step":
+                continue
+            f = _to_float(v)
+            if f is None:
+                res.non_numeric += 1
+                continue
+            key = KEY_ALIASES.get(key, key)
+            steps.append(step)
+            metrics.append(key)
+            values.append(f)
+            if key.startswith("eval_"):
+                eval_keys = eval_keys or []
+                eval_keys.append(key)
+        if eval_keys:
+            info.eval_entry_keys.setdefault(step, []).append(eval_keys)
+
+
+def _salvage(text: str):
+    """Parse the log_history entries of a cut-off file one by one; returns (data, n_entries) or (None, 0)."""
+    m = re.search(r'"log_history"\s*:\s*\[', text)
+    if not m:
+        return None, 0
+    dec = json.JSONDecoder()
+    pos = m.end()
+    entries = []
+    n = len(text)
+    while pos < n:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n or text[pos] == "]":
+            break
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        entries.append(obj)
+    data: dict = {"log_history": entries}
+    for key in _INT_FIELDS + ("best_metric", "best_model_checkpoint", "num_train_epochs"):
+        mm = re.search(rf'"{key}"\s*:\s*("(?:[^"\\]|\\.)*"|[-0-9.eE+]+|null|NaN|Infinity)', text)
+        if mm:
+            try:
+                data[key] = json.loads(mm.group(1))
+            except json.JSONDecodeError:
+                pass
+    return data, len(entries)
