@@ -139,7 +139,8 @@ class Run:
     def metrics(self) -> list[str]:
         if self.scalars.empty:
             return []
-        return sorted(self.scalars["metric"].unique().tolist())
+        self.series("")  # builds the per-metric index once
+        return sorted(k for k in self._series_cache[None] if isinstance(k, str))
 
     def has(self, metric: str) -> bool:
         return not self.series(metric).empty
@@ -151,7 +152,12 @@ class Run:
         if metric in self._series_cache:
             return self._series_cache[metric]
         df = self.scalars
-        sub = df[df["metric"] == metric] if not df.empty else df
+        groups = self._series_cache.get(None)
+        if groups is None:  # one pass over the scalars for all metrics
+            groups = df.groupby("metric", sort=False).indices if not df.empty else {}
+            self._series_cache[None] = groups
+        pos = groups.get(metric)
+        sub = df.iloc[pos] if pos is not None else df.iloc[0:0]
         if sub.empty:
             s = pd.Series([], dtype="float64", name=metric)
             s.index = pd.Index([], dtype="int64", name="step")

@@ -1,0 +1,67 @@
+"""The renderer family: one Diagnosis (and optionally the Run it came from) rendered as text,
+Markdown, JSON or a self-contained HTML page with plots. No torch, no transformers here.
+
+``write_reports`` writes every format into an output folder atomically; ``render`` returns one format
+as a string (for stdout).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..diagnosis import Diagnosis
+from ._common import atomic_write
+from .html import render_html
+from .json_report import render_json
+from .markdown import render_markdown
+from .plots import PLOT_NAMES, decimate, make_plots
+from .text import render_text, should_color
+
+__all__ = ["render", "write_reports", "render_text", "render_markdown", "render_json", "render_html",
+           "make_plots", "decimate", "should_color", "FORMATS"]
+
+FORMATS = ("text", "markdown", "json", "html")
+_ALIASES = {"md": "markdown", "txt": "text"}
+
+
+def write_reports(diag: Diagnosis, run, out_dir: Path | str) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md``, ``report.html`` and ``plots/*.png`` (when a run is given)
+    into ``out_dir`` (created if missing). Each file is written atomically (temp file in the same
+    folder, then ``os.replace``); plots of an earlier report that this run has no data for are
+    removed. Returns ``{relative name: path}``, e.g. ``{"report.json": ..., "plots/loss.png": ...}``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    plots: dict[str, Path] = {}
+    if run is not None:
+        plot_dir = out_dir / "plots"
+        plots = make_plots(run, diag, plot_dir)
+        for name in PLOT_NAMES:  # a stale plot from a previous report would contradict this one
+            stale = plot_dir / f"{name}.png"
+            if name not in plots and stale.exists():
+                stale.unlink()
+        for name, path in plots.items():
+            written[f"plots/{path.name}"] = path
+    rel_plots = {name: f"plots/{path.name}" for name, path in plots.items()}
+    written["report.json"] = atomic_write(out_dir / "report.json", render_json(diag))
+    written["report.md"] = atomic_write(out_dir / "report.md", render_markdown(diag, run, rel_plots))
+    written["report.html"] = atomic_write(out_dir / "report.html", render_html(diag, run, plots))
+    return written
+
+
+def render(diag: Diagnosis, run=None, fmt: str = "text", color: bool = False) -> str:
+    """One format as a string: ``text`` (``color`` for ANSI), ``markdown``, ``json`` or ``html`` (plots
+    made in a temporary folder and inlined)."""
+    fmt = _ALIASES.get(fmt, fmt)
+    if fmt == "text":
+        return render_text(diag, run, color=color)
+    if fmt == "markdown":
+        return render_markdown(diag, run)
+    if fmt == "json":
+        return render_json(diag)
+    if fmt == "html":
+        if run is None:
+            return render_html(diag)
+        with tempfile.TemporaryDirectory(prefix="higgs-diag-plots-") as tmp:
+            return render_html(diag, run, make_plots(run, diag, Path(tmp)))
+    raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")

@@ -1,0 +1,124 @@
+"""The CLI contract: formats, exit codes, one-line errors, read-only run directories, generated docs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from higgs_diag.checks import all_codes
+from higgs_diag.checks.docgen import render as render_docs
+from higgs_diag.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "fixtures" / "runs"
+FAULTY = RUNS / "eval-loss-missing"
+HEALTHY = RUNS / "healthy"
+
+
+def runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always separates stderr
+        return CliRunner()
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+            h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def test_json_on_stdout_only_and_exit_code_1_on_critical():
+    r = runner().invoke(main, ["analyze", str(FAULTY), "--format", "json"])
+    assert r.exit_code == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "higgs-diag.report/1" and doc["verdict"] == "critical"
+
+
+def test_fail_on_levels():
+    assert runner().invoke(main, ["analyze", str(FAULTY), "--fail-on", "never"]).exit_code == 0
+    assert runner().invoke(main, ["analyze", str(HEALTHY), "--fail-on", "warning"]).exit_code == 0
+    assert runner().invoke(main, ["analyze", str(FAULTY), "--fail-on", "critical"]).exit_code == 1
+
+
+def test_missing_dir_is_one_line_exit_2(tmp_path):
+    r = runner().invoke(main, ["analyze", str(tmp_path / "nope")])
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lfs_pointer_only_is_one_line_exit_2(tmp_path):
+    p = tmp_path / "trainer_state.json"
+    p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 10\n")
+    r = runner().invoke(main, ["analyze", str(p)])
+    assert r.exit_code == 2 and "Git LFS pointer" in r.stderr and "trainer_state.json" in r.stderr
+
+
+def test_bad_threshold_is_usage_error():
+    r = runner().invoke(main, ["analyze", str(HEALTHY), "--set", "no_such=1"])
+    assert r.exit_code == 2 and "unknown threshold" in r.stderr
+
+
+def test_threshold_override_changes_the_result():
+    base = runner().invoke(main, ["analyze", str(RUNS / "audio-labels-unshifted"), "--format", "json"])
+    loose = runner().invoke(main, ["analyze", str(RUNS / "audio-labels-unshifted"), "--format", "json",
+                                   "--set", "audio_loss_warning=1e-9", "--set", "audio_loss_critical=1e-10",
+                                   "--set", "collapse_fraction=1e-9"])
+    codes = lambda r: {f["code"] for f in json.loads(r.stdout)["findings"]}
+    assert "HD201" in codes(base) and "HD201" not in codes(loose)
+
+
+def test_output_dir_written_and_run_dir_untouched(tmp_path):
+    before = tree_digest(FAULTY)
+    out = tmp_path / "report"
+    r = runner().invoke(main, ["analyze", str(FAULTY), "--output", str(out), "--fail-on", "never"])
+    assert r.exit_code == 0, r.stderr
+    for name in ("report.json", "report.md", "report.html"):
+        assert (out / name).is_file()
+    assert list((out / "plots").glob("*.png"))
+    assert tree_digest(FAULTY) == before
+
+
+def test_text_report_has_no_color_when_not_a_tty():
+    r = runner().invoke(main, ["analyze", str(FAULTY)], env={"NO_COLOR": "1"})
+    assert "\x1b[" not in r.stdout and "HD101" in r.stdout
+
+
+def test_checks_and_explain():
+    r = runner().invoke(main, ["checks"])
+    assert r.exit_code == 0
+    for code in all_codes():
+        assert code in r.stdout
+    r = runner().invoke(main, ["explain", "hd101"])
+    assert r.exit_code == 0 and "label_names" in r.stdout
+    assert runner().invoke(main, ["explain", "HD999"]).exit_code == 2
+
+
+def test_every_check_documents_itself():
+    for code, (c, _cat) in all_codes().items():
+        for section in ("What it detects:", "Why it happens:", "Example:", "Fix:"):
+            assert section in c.doc, f"{code} lacks {section!r}"
+
+
+def test_docs_checks_md_is_current():
+    committed = (ROOT / "docs" / "checks.md").read_text(encoding="utf-8")
+    assert committed == render_docs(), "docs/checks.md is stale: run `make docs`"
+
+
+def test_analyze_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, higgs_diag; higgs_diag.analyze(sys.argv[1]); "
+            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code, str(FAULTY)], capture_output=True, text=True,
+                       env={**os.environ, "MPLBACKEND": "Agg"})
+    assert r.returncode == 0, r.stdout + r.stderr

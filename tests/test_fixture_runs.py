@@ -1,0 +1,85 @@
+"""Every check fires on a fixture run that really has its fault (real Trainer, real tiny HiggsAudioModel,
+fixtures/make_runs.py) and stays quiet on the healthy runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import higgs_diag
+from higgs_diag.diagnosis import Severity
+
+RUNS = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
+
+# scenario -> (the code that must lead the report, its minimum severity, other codes that must be present)
+EXPECTED = {
+    "eval-loss-missing": ("HD101", Severity.CRITICAL, {"HD102"}),
+    "eval-loss-constant": ("HD103", Severity.CRITICAL, set()),
+    "audio-labels-unshifted": ("HD201", Severity.CRITICAL, set()),
+    "audio-out-missing": ("HD202", Severity.CRITICAL, set()),
+    "no-learning": ("HD401", Severity.CRITICAL, set()),
+    "nan-masked": ("HD302", Severity.CRITICAL, {"HD301"}),
+    "overfitting": ("HD405", Severity.WARNING, set()),
+    "lr-schedule": ("HD501", Severity.WARNING, set()),
+}
+HEALTHY = ("healthy", "healthy-lora")
+
+
+def _diag(name):
+    path = RUNS / name
+    if not path.exists():
+        pytest.fail(f"fixture run {path} is missing: run `python fixtures/make_runs.py`")
+    return higgs_diag.analyze(path)
+
+
+@pytest.mark.parametrize("scenario", sorted(EXPECTED))
+def test_fault_is_the_leading_finding(scenario):
+    code, severity, others = EXPECTED[scenario]
+    diag = _diag(scenario)
+    codes = [f.code for f in diag.findings]
+    assert code in codes, f"{scenario}: {code} not found; got {codes}"
+    lead = diag.findings[0]
+    assert lead.code == code, f"{scenario}: expected {code} first, got {[(f.code, str(f.severity)) for f in diag.findings]}"
+    assert lead.severity >= severity
+    assert others <= set(codes), f"{scenario}: missing {others - set(codes)}"
+    assert lead.evidence and lead.explanation and lead.fix
+
+
+@pytest.mark.parametrize("scenario", HEALTHY)
+def test_healthy_runs_are_quiet(scenario):
+    diag = _diag(scenario)
+    loud = [(f.code, str(f.severity), f.title) for f in diag.at_or_above(Severity.WARNING)]
+    assert loud == [], loud
+    assert diag.verdict == "healthy"
+
+
+def test_eval_loss_missing_links_symptom_to_cause():
+    diag = _diag("eval-loss-missing")
+    best = diag.by_code("HD102")[0]
+    assert best.caused_by == "HD101"
+    assert any("trainer_state.json" in e for e in best.evidence) or any("KeyError" in e for e in best.evidence)
+
+
+def test_each_fault_check_is_quiet_on_every_other_scenario():
+    """A check that fires everywhere proves nothing: each leading code appears only where its fault is
+    (or where the same mechanism really is present, listed here)."""
+    shared = {("HD101", "eval-loss-constant")}  # the constant fallback hides the same missing loss
+    diags = {name: _diag(name) for name in list(EXPECTED) + list(HEALTHY) if (RUNS / name).exists()}
+    for scenario, (code, _sev, _o) in EXPECTED.items():
+        for other, diag in diags.items():
+            if other == scenario or (code, other) in shared:
+                continue
+            loud = [f for f in diag.by_code(code) if f.severity >= Severity.WARNING]
+            assert not loud, f"{code} ({scenario}'s fault) also fires on {other}: {[f.title for f in loud]}"
+
+
+def test_json_report_of_a_fixture_follows_the_contract():
+    diag = _diag("audio-labels-unshifted")
+    from higgs_diag.report.json_report import render_json
+
+    doc = json.loads(render_json(diag))
+    assert doc["schema"] == "higgs-diag.report/1" and doc["verdict"] == "critical"
+    f = doc["findings"][0]
+    assert set(f) >= {"code", "category", "severity", "title", "evidence", "explanation", "fix", "steps", "caused_by"}
+    assert f["category"] == "audio-loss-collapse"
