@@ -33,6 +33,21 @@ def _exit_code(diag, fail_on: str) -> int:
     return 1 if diag.at_or_above(Severity.parse(fail_on)) else 0
 
 
+PROGRESS_MIN_BYTES = 32 * 1024 * 1024  # below this a run reads in about a second: no bar
+
+
+def _load_with_progress(run_dir, logs):
+    from .run.discover import discover
+    from .run.load import load_run, total_bytes
+
+    files = discover(run_dir, logs)
+    total = total_bytes(files)
+    if not (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES):
+        return load_run(run_dir, files=files)
+    with click.progressbar(length=total, label="reading run", file=sys.stderr) as bar:
+        return load_run(run_dir, files=files, progress=bar.update)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="higgs-diag")
 def main() -> None:
@@ -61,11 +76,10 @@ def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, se
     from .api import diagnose
     from .report import render, write_reports
     from .run.discover import RunReadError
-    from .run.load import load_run
 
     thresholds = _thresholds(config_file, sets)
     try:
-        run = load_run(run_dir, log_files=list(logs))
+        run = _load_with_progress(run_dir, list(logs))
     except RunReadError as e:
         click.echo(f"higgs-diag: error: {e}", err=True)
         sys.exit(2)

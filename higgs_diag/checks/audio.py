@@ -189,13 +189,15 @@ def audio_loss_not_a_loss(run, t):
         if not bad.any():
             continue
         text = run.series("eval_text_loss" if m.startswith("eval_") else "text_loss")
-        if not text.empty and not np.isfinite(text.to_numpy()).any():
-            continue  # everything is NaN: a numerics problem, not a missing audio target
         # the tail from the first bad point must be (nearly) all bad to call it a switch, not noise
         first = int(np.argmax(bad))
         tail = bad[first:]
         if tail.mean() < 0.9:
             continue
+        if not text.empty:
+            tt = text[text.index >= steps[first]].to_numpy(dtype="float64")
+            if len(tt) and np.isfinite(tt).mean() < 0.9:
+                continue  # the text loss went non-finite too: a numerics problem (non-finite), not missing targets
         kind = "0.0" if (v[first:][tail] == 0.0).mean() >= 0.5 else "NaN"
         ev = [f"{m} = {kind} at {int(tail.sum())} of {len(v)} logged steps ({steps[first]}-{steps[-1]})"]
         if not text.empty:

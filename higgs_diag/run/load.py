@@ -44,8 +44,29 @@ def _parse_json_text(text: str, file: str, what: str, problems: list[ReadProblem
     return obj if isinstance(obj, dict) else None
 
 
-def load_run(path: str | os.PathLike, log_files=None) -> Run:
-    files: RunFiles = discover(path, log_files)
+def total_bytes(files: RunFiles) -> int:
+    """The bytes load_run will read: what a progress bar counts."""
+    size = 0
+    for p in [*files.trainer_states, *files.event_files, *files.log_files]:
+        try:
+            size += p.stat().st_size
+        except OSError:
+            pass
+    return size
+
+
+def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunFiles | None = None) -> Run:
+    """Read everything the run has. ``progress(nbytes)`` is called after each file (for a progress bar);
+    ``files`` lets a caller that already discovered the run skip a second walk."""
+    files = files or discover(path, log_files)
+    tick = progress or (lambda n: None)
+
+    def size(p):
+        try:
+            return p.stat().st_size
+        except OSError:
+            return 0
+
     if files.empty:
         raise RunReadError(f"{path}: no trainer_state.json, TensorBoard event file, checkpoint or log found")
     run = Run(root=str(path))
@@ -57,6 +78,7 @@ def load_run(path: str | os.PathLike, log_files=None) -> Run:
     results = []
     for p in files.trainer_states:
         res = read_trainer_state(p)
+        tick(size(p))
         run.problems.extend(res.problems)
         if res.info is not None:
             run.states.append(res.info)
@@ -86,6 +108,7 @@ def load_run(path: str | os.PathLike, log_files=None) -> Run:
 
         for p in files.event_files:
             ev = read_event_file(p)
+            tick(size(p))
             run.problems.extend(ev.problems)
             if ev.n_records or not ev.problems:
                 run.files_read.append(str(p))
@@ -110,6 +133,7 @@ def load_run(path: str | os.PathLike, log_files=None) -> Run:
 
     for p in files.log_files:
         events, problems = read_log(p)
+        tick(size(p))
         run.log_events.extend(events)
         run.problems.extend(problems)
         if not problems:
