@@ -29,7 +29,8 @@ class Thresholds:
     # loss-plateau: no relative improvement larger than this over the window (in steps)
     plateau_window_fraction: float = 0.3
     plateau_min_improvement: float = 0.01
-    # overfitting: number of consecutive evaluations above the eval_loss minimum
+    # overfitting: number of consecutive evaluations, from the eval_loss minimum on (the minimum counts),
+    # that show the rise
     overfit_min_evals: int = 3
     overfit_rise_fraction: float = 0.05
     # suspicious constants a fallback writes instead of a real loss
@@ -54,10 +55,15 @@ class Thresholds:
     divergence_tail_fraction: float = 0.1
     # ... and exceed the running minimum by at least this much in loss units (nats for a CE loss)
     divergence_min_rise: float = 0.1
+    # ... over at least this many logged points at the end of the run
+    divergence_min_tail_points: int = 3
     # grad-explosion: logged points of history the rolling median needs before a spike is judged
     grad_spike_min_history: int = 5
-    # grad-explosion: a loss above this multiple of its trailing median at/after a spike is a loss jump
+    # grad-explosion: a spike damaged the run when the median loss over the next loss_jump_points logged
+    # points exceeds loss_jump_factor x its trailing median and rises by at least loss_jump_min_rise
     loss_jump_factor: float = 1.5
+    loss_jump_points: int = 3
+    loss_jump_min_rise: float = 0.1
     # grad-explosion: spikes are frequent at >= max(grad_spike_frequent_min, share x logged points)
     grad_spike_frequent_min: int = 3
     grad_spike_frequent_share: float = 0.02
@@ -69,6 +75,9 @@ class Thresholds:
     lr_rel_tolerance: float = 0.01
     # lr-schedule: logged points with lr == 0 (besides a single first/last one) before it counts as stuck
     lr_zero_min_points: int = 3
+    # lr-schedule: relative decay the configured scheduler should have produced by the last logged step
+    # before a constant post-warmup lr counts as 'not decaying'
+    lr_decay_expected_min: float = 0.1
     # resume-discontinuity: a step gap above this multiple of logging_steps counts as missing logs
     resume_gap_factor: float = 3.0
 

@@ -18,8 +18,9 @@ EXPECTED = {
     "eval-loss-constant": ("HD103", Severity.CRITICAL, set()),
     "audio-labels-unshifted": ("HD201", Severity.CRITICAL, set()),
     "audio-out-missing": ("HD202", Severity.CRITICAL, set()),
+    "audio-labels-emptied": ("HD203", Severity.CRITICAL, set()),
     "no-learning": ("HD401", Severity.CRITICAL, set()),
-    "nan-masked": ("HD302", Severity.CRITICAL, {"HD301"}),
+    "nan-masked": ("HD301", Severity.CRITICAL, {"HD302"}),
     "overfitting": ("HD405", Severity.WARNING, set()),
     "lr-schedule": ("HD501", Severity.WARNING, set()),
 }
@@ -59,6 +60,13 @@ def test_eval_loss_missing_links_symptom_to_cause():
     best = diag.by_code("HD102")[0]
     assert best.caused_by == "HD101"
     assert any("trainer_state.json" in e for e in best.evidence) or any("KeyError" in e for e in best.evidence)
+
+
+def test_nan_explains_the_masked_loss():
+    diag = _diag("nan-masked")
+    masked = diag.by_code("HD302")[0]
+    assert masked.caused_by == "HD301" and masked.severity == Severity.CRITICAL
+    assert any("grad_norm" in e for e in masked.evidence)
 
 
 def test_each_fault_check_is_quiet_on_every_other_scenario():

@@ -83,15 +83,6 @@ def loss_not_cross_entropy(run) -> str | None:
     return None
 
 
-def rolling_median(s: pd.Series, window: int) -> pd.Series:
-    """Centred rolling median over ``window`` logged points (finite points only, edges use what exists)."""
-    s = finite(s)
-    w = max(1, int(window))
-    if w <= 1 or s.empty:
-        return s
-    return s.rolling(w, center=True, min_periods=1).median()
-
-
 def smoothing_window(n_points: int, fraction: float, minimum: int = 1, maximum: int = 200) -> int:
     """A smoothing window of ``fraction`` of the logged points, kept odd and within [minimum, maximum]."""
     w = int(round(n_points * fraction))

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..diagnosis import Severity
 from . import causes, check, finding
-from ._util import fmt
+from ._util import fmt, is_higgs_run
 
 EVAL_LOSS_RE = re.compile(r"^eval_(?:.+_)?loss$")
 EVAL_RUNTIME_RE = re.compile(r"^eval_(?:.+_)?runtime$")
@@ -18,6 +18,17 @@ LABEL_NAMES_FIX = (
     "higgs_diag.trainer.HiggsAudioTrainer, whose prediction_step always computes the loss. Do not paper over "
     "it with a fallback that sets eval_loss = 0.0."
 )
+
+
+GENERIC_LABEL_NAMES_FIX = (
+    "Set label_names in TrainingArguments to the label arguments of your model's forward (e.g. ['labels']) and "
+    "make sure the evaluation batches contain them, or override prediction_step so that it always computes the "
+    "loss. Do not paper over it with a fallback that sets eval_loss = 0.0."
+)
+
+
+def label_names_fix(run) -> str:
+    return LABEL_NAMES_FIX if is_higgs_run(run) else GENERIC_LABEL_NAMES_FIX
 
 
 def best_metric_name(run) -> str | None:
@@ -100,15 +111,20 @@ def eval_loss_missing(run, t):
     explanation = (
         "The Trainer computed no loss during evaluation: prediction_step calls compute_loss only when every "
         "name in label_names is a non-None key of the batch (or label_names is empty and the model can return "
-        "a loss). A wrapper with forward(**kwargs), a PeftModel or PeftModelForCausalLM does not expose "
-        "label_ids/label_audio_ids, so label_names is [] or ['labels'] and the loss is dropped."
+        "a loss). "
     )
+    if is_higgs_run(run) or run.model_config is None:
+        explanation += ("A wrapper with forward(**kwargs), a PeftModel or PeftModelForCausalLM does not expose "
+                        "label_ids/label_audio_ids, so label_names is [] or ['labels'] and the loss is dropped.")
+    else:
+        explanation += ("label_names defaults to the forward arguments whose name contains 'label'; when the "
+                        "evaluation batches lack one of them, or the model is wrapped, the loss is dropped.")
     if wants_loss:
         explanation += (" Because the best checkpoint is chosen by eval_loss, the Trainer raises "
                         "KeyError: 'eval_loss' when it saves after an evaluation.")
     yield finding(sev, "Evaluations ran without eval_loss" + (" while eval_loss selects the best checkpoint"
                                                              if wants_loss else ""),
-                  evidence=ev, explanation=explanation, fix=LABEL_NAMES_FIX, steps=(without[0], without[-1]),
+                  evidence=ev, explanation=explanation, fix=label_names_fix(run), steps=(without[0], without[-1]),
                   metrics=("eval_loss", "eval_runtime"))
 
 
@@ -174,7 +190,7 @@ def best_metric_missing(run, t):
         explanation="The Trainer looks the best-model metric up in the evaluation metrics whenever it saves after "
                     "an evaluation; when the metric is missing it raises KeyError after writing the weights and "
                     "before writing trainer_state.json. EarlyStoppingCallback instead disables itself silently.",
-        fix=LABEL_NAMES_FIX if (name or "").endswith("loss") else
+        fix=label_names_fix(run) if (name or "").endswith("loss") else
         f"Set metric_for_best_model to a metric that evaluation really logs, or return {name!r} from compute_metrics.",
         steps=steps, metrics=("eval_loss",))
 
@@ -232,5 +248,5 @@ def eval_loss_constant(run, t):
         explanation="A real evaluation loss changes as the weights change and is never exactly 0.0 on real data. "
                     "A constant is what an evaluation_loop override writes when the Trainer produced no eval_loss. "
                     "Every checkpoint then ties, and load_best_model_at_end keeps an arbitrary one.",
-        fix="Delete the eval_loss fallback and fix the cause: " + LABEL_NAMES_FIX,
+        fix="Delete the eval_loss fallback and fix the cause: " + label_names_fix(run),
         steps=(int(idx[0]), int(idx[-1])), metrics=("eval_loss",))
