@@ -90,7 +90,8 @@ def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, se
         except OSError as e:
             click.echo(f"higgs-diag: error: cannot write the report to {output}: {e.strerror or e}", err=True)
             sys.exit(2)
-        click.echo(f"higgs-diag: wrote {', '.join(str(p) for k, p in paths.items() if k != 'plots')}", err=True)
+        names = sorted({k.split("/")[0] + ("/" if "/" in k else "") for k in paths})
+        click.echo(f"higgs-diag: report written to {output}/ ({', '.join(names)})", err=True)
     if fmt == "text":
         from .report.text import render_text, should_color
 

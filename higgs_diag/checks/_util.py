@@ -26,6 +26,11 @@ def fmt(v: float) -> str:
     return f"{x:.4g}"
 
 
+def steps_text(first: int, last: int) -> str:
+    """``step 20`` or ``steps 20-40``."""
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
 def step_span(s: pd.Series) -> tuple[int, int] | None:
     if s.empty:
         return None

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..diagnosis import Severity
 from . import causes, check, finding
-from ._util import fmt, is_higgs_run
+from ._util import fmt, is_higgs_run, steps_text
 
 EVAL_LOSS_RE = re.compile(r"^eval_(?:.+_)?loss$")
 EVAL_RUNTIME_RE = re.compile(r"^eval_(?:.+_)?runtime$")
@@ -96,7 +96,7 @@ def eval_loss_missing(run, t):
     wants_loss = (best is not None and EVAL_LOSS_RE.match(best)) or any("eval_loss" in e.text for e in keyerrors)
     sev = Severity.CRITICAL if wants_loss else Severity.WARNING
     keys = sorted(evs[without[0]])
-    ev = [f"{len(without)} of {len(ran)} evaluations (steps {without[0]}-{without[-1]}) logged no eval loss; "
+    ev = [f"{len(without)} of {len(ran)} evaluations ({steps_text(without[0], without[-1])}) logged no eval loss; "
           f"they logged: {', '.join(keys)}"]
     if best:
         ev.append(f"metric_for_best_model resolves to {best!r} (args: metric_for_best_model="
@@ -230,7 +230,7 @@ def eval_loss_constant(run, t):
     idx = s.index[fin]
     evidence = []
     if constant:
-        evidence.append(f"eval_loss = {fmt(v[0])} at all {len(v)} evaluations (steps {idx[0]}-{idx[-1]})")
+        evidence.append(f"eval_loss = {fmt(v[0])} at all {len(v)} evaluations ({steps_text(idx[0], idx[-1])})")
     else:
         zs = idx[zero]
         evidence.append(f"eval_loss = 0.0 at {int(zero.sum())} of {len(v)} evaluations (first at step {zs[0]})")

@@ -1,0 +1,389 @@
+"""Benchmark: reading the logs of a real-size Higgs Audio fine-tuning run (run by hand: `make bench`).
+
+Generates (once, into benchmarks/_data/, gitignored) the reference run of an 8-GPU job:
+
+    reference_run/
+      checkpoint-143361/trainer_state.json   143,361 steps, logging_steps=1, eval every 500 steps (~36 MB)
+      runs/Jan15_09-12-44_node-0/events.out.tfevents.<time>.node-0.4242.0
+                                             the same points as HF's TensorBoardCallback writes them,
+                                             plus the args/model_config text summaries (~47 MB, ~862k events)
+
+The training entries hold loss, audio_loss, text_loss (what a Higgs trainer passes to ``self.log``),
+grad_norm, learning_rate, epoch: six scalars per step, as in the job this reproduces (862k events).
+
+Then times, each in a fresh subprocess (wall seconds and peak RSS of that child, via os.wait4):
+  (a) higgs_diag.run.events.read_event_file alone
+  (b) higgs-diag analyze <run> --format json           (skipped until the command exists)
+  (c) tbparse SummaryReader(file).scalars
+  (d) tensorboard EventAccumulator(path, size_guidance={'scalars': 0}).Reload()
+
+Usage: python benchmarks/bench_analyze.py [--regenerate] [--only a,b,c,d]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = HERE / "_data"
+RUN = DATA / "reference_run"
+MAX_STEPS = 143_361
+EVAL_STEPS = 500
+SAVE_STEPS = 1000
+WARMUP = 500
+PEAK_LR = 5e-5
+STEPS_PER_EPOCH = MAX_STEPS / 3.0
+SEED = 20240917
+T0 = 1_736_932_364.0  # 2025-01-15 09:12:44 UTC
+RUN_NAME = "Jan15_09-12-44_node-0"
+EVENT_NAME = f"events.out.tfevents.{int(T0)}.node-0.4242.0"
+TRAIN_TAGS = ("loss", "audio_loss", "text_loss", "grad_norm", "learning_rate", "epoch")
+EVAL_KEYS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+sys.path.insert(0, str(REPO))
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference run
+# ------------------------------------------------------------------------------------------------
+def _curves():
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    s = np.arange(1, MAX_STEPS + 1, dtype=np.float64)
+    audio = 1.85 + 5.15 * np.exp(-s / 2500.0) + 0.45 * np.exp(-s / 40000.0)
+    audio = audio * (1 + 0.035 * rng.standard_normal(s.size))
+    text = 0.04 + 0.22 * np.exp(-s / 1500.0) + np.abs(0.01 * rng.standard_normal(s.size))
+    loss = audio + text  # 7.27 at step 1
+    grad = 0.38 + 0.04 * rng.standard_normal(s.size) + 0.06 * np.exp(-s / 5000.0)
+    grad = np.clip(grad, 0.22, None)
+    spikes = rng.choice(np.arange(2000, MAX_STEPS), size=7, replace=False)
+    grad[spikes] *= rng.uniform(6, 25, size=spikes.size)
+    loss[spikes + 1] += rng.uniform(0.2, 0.8, size=spikes.size)
+    lr = np.where(s <= WARMUP, PEAK_LR * s / WARMUP,
+                  PEAK_LR * 0.5 * (1 + np.cos(math.pi * (s - WARMUP) / (MAX_STEPS - WARMUP))))
+    epoch = s / STEPS_PER_EPOCH
+    # HF rounds the logged loss to 4 digits; grad_norm is a float32 .item(); lr and epoch are float64
+    loss = np.round(loss, 4)  # audio_loss/text_loss: logged with .item(), full precision
+    audio = audio.astype(np.float32).astype(np.float64)
+    text = text.astype(np.float32).astype(np.float64)
+    grad = grad.astype(np.float32).astype(np.float64)
+    return s.astype(np.int64), loss, audio, text, grad, lr, epoch
+
+
+def _eval_points(loss):
+    import numpy as np
+
+    rng = np.random.default_rng(SEED + 1)
+    out = []
+    for step in range(EVAL_STEPS, MAX_STEPS + 1, EVAL_STEPS):
+        ev_loss = float(np.mean(loss[max(0, step - 200):step])) + 0.08 + 0.01 * rng.standard_normal()
+        runtime = round(118.0 + 4 * rng.standard_normal(), 4)
+        out.append((step, {
+            "eval_loss": round(ev_loss, 4),
+            "eval_runtime": runtime,
+            "eval_samples_per_second": round(1968 / runtime, 3),
+            "eval_steps_per_second": round(123 / runtime, 3),
+            "epoch": step / STEPS_PER_EPOCH,
+        }))
+    return out
+
+
+def _args_json() -> str:
+    args = {
+        "output_dir": "/scratch/higgs-ft/arabic-zero-shot", "overwrite_output_dir": False, "do_train": True,
+        "do_eval": True, "do_predict": False, "eval_strategy": "steps", "prediction_loss_only": False,
+        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 1,
+        "eval_accumulation_steps": None, "eval_delay": 0, "learning_rate": PEAK_LR, "weight_decay": 0.01,
+        "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-08, "max_grad_norm": 1.0,
+        "num_train_epochs": 3, "max_steps": -1, "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {},
+        "warmup_ratio": 0.0, "warmup_steps": WARMUP, "log_level": "passive", "logging_dir":
+        f"/scratch/higgs-ft/arabic-zero-shot/runs/{RUN_NAME}", "logging_strategy": "steps",
+        "logging_first_step": False, "logging_steps": 1, "logging_nan_inf_filter": True,
+        "save_strategy": "steps", "save_steps": SAVE_STEPS, "save_total_limit": 3, "save_safetensors": True,
+        "seed": 42, "bf16": True, "fp16": False, "local_rank": 0, "dataloader_num_workers": 4,
+        "eval_steps": EVAL_STEPS, "run_name": "/scratch/higgs-ft/arabic-zero-shot", "remove_unused_columns": False,
+        "label_names": ["label_ids", "label_audio_ids"], "load_best_model_at_end": False,
+        "metric_for_best_model": None, "greater_is_better": None, "ddp_find_unused_parameters": False,
+        "report_to": ["tensorboard"], "gradient_checkpointing": True, "include_num_input_tokens_seen": False,
+    }
+    return json.dumps(args, indent=2) + "\n"
+
+
+def _model_config_json() -> str:
+    cfg = {
+        "architectures": ["HiggsAudioModel"], "model_type": "higgs_audio", "audio_adapter_type": "dual_ffn_fast_forward",
+        "audio_codebook_size": 1024, "audio_num_codebooks": 8, "audio_stream_bos_id": 1024,
+        "audio_stream_eos_id": 1025, "audio_in_token_idx": 128015, "audio_out_token_idx": 128016,
+        "audio_out_bos_token_id": 128013, "audio_eos_token_id": 128012, "pad_token_id": 128001,
+        "use_delay_pattern": True, "skip_audio_tower": False, "encode_whisper_embed": True,
+        "audio_dual_ffn_layers": list(range(0, 28)),
+        "text_config": {"model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
+                        "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+                        "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0},
+        "torch_dtype": "bfloat16", "transformers_version": "4.46.3",
+    }
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+
+def _varint(v: int) -> bytes:
+    v &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _scalar_payload(wall: float, step: int, tag: bytes, value: float) -> bytes:
+    """Event{wall_time, step, summary{value{tag, simple_value}}}, byte-identical to SerializeToString()."""
+    inner = b"\x0a" + _varint(len(tag)) + tag + b"\x15" + struct.pack("<f", value)
+    val = b"\x0a" + _varint(len(inner)) + inner
+    summ = b"\x2a" + _varint(len(val)) + val
+    return b"\x09" + struct.pack("<d", wall) + ((b"\x10" + _varint(step)) if step else b"") + summ
+
+
+def generate(force: bool = False) -> tuple[Path, Path, int]:
+    """Write the reference run (reused when present). Returns (trainer_state, event file, points written)."""
+    state_path = RUN / f"checkpoint-{MAX_STEPS}" / "trainer_state.json"
+    ev_path = RUN / "runs" / RUN_NAME / EVENT_NAME
+    meta_path = DATA / "reference_run.meta.json"
+    if not force and state_path.exists() and ev_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return state_path, ev_path, int(meta["points"])
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+
+    from higgs_diag.run.events import frame_records
+
+    t = time.perf_counter()
+    if RUN.exists():
+        shutil.rmtree(RUN)
+    state_path.parent.mkdir(parents=True)
+    ev_path.parent.mkdir(parents=True)
+    steps, loss, audio, text, grad, lr, epoch = _curves()
+    evals = dict(_eval_points(loss))
+
+    # -- trainer_state.json, as HF writes it (json.dumps(indent=2, sort_keys=True))
+    history = []
+    cols = [c.tolist() for c in (steps, loss, audio, text, grad, lr, epoch)]
+    for st, lo, au, te, gn, l_r, ep in zip(*cols):
+        history.append({"loss": lo, "audio_loss": au, "text_loss": te, "grad_norm": gn, "learning_rate": l_r,
+                        "epoch": ep, "step": st})
+        if st in evals:
+            history.append({**evals[st], "step": st})
+    state = {
+        "best_metric": None, "best_model_checkpoint": None, "epoch": float(epoch[-1]), "eval_steps": EVAL_STEPS,
+        "global_step": MAX_STEPS, "is_hyper_param_search": False, "is_local_process_zero": True,
+        "is_world_process_zero": True, "log_history": history, "logging_steps": 1, "max_steps": MAX_STEPS,
+        "num_input_tokens_seen": 0, "num_train_epochs": 3, "save_steps": SAVE_STEPS,
+        "stateful_callbacks": {"TrainerControl": {"args": {
+            "should_epoch_stop": False, "should_evaluate": False, "should_log": False,
+            "should_save": True, "should_training_stop": True}, "attributes": {}}},
+        "total_flos": 4.913482911795e+19, "train_batch_size": 2, "trial_name": None, "trial_params": None,
+    }
+    state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    t_state = time.perf_counter() - t
+
+    # -- the event file, as torch's SummaryWriter writes it for HF's TensorBoardCallback
+    payloads = []
+    fv = event_pb2.Event(wall_time=T0 + 0.41, file_version="brain.Event:2")
+    fv.source_metadata.writer = "tensorboard.summary.writer.event_file_writer"
+    payloads.append(fv.SerializeToString())
+    for i, (what, text_) in enumerate((("args", _args_json()), ("model_config", _model_config_json()))):
+        v = summary_pb2.Summary.Value(
+            tag=f"{what}/text_summary",
+            metadata=summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")),
+            tensor=tensor_pb2.TensorProto(dtype=7, string_val=[text_.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])))
+        payloads.append(event_pb2.Event(wall_time=T0 + 2.0 + i * 1e-3, summary=summary_pb2.Summary(value=[v]))
+                        .SerializeToString())
+    tagb = {k: f"train/{k}".encode() for k in TRAIN_TAGS}
+    evtags = [(k, ("eval/" + k[5:]).encode()) for k in EVAL_KEYS] + [("epoch", b"train/epoch")]
+    wall = T0 + 95.0
+    points = 0
+    values = dict(zip(TRAIN_TAGS, (loss, audio, text, grad, lr, epoch)))
+    vals = {k: v.tolist() for k, v in values.items()}
+    for i, st in enumerate(steps.tolist()):
+        wall += 0.87 + 0.01 * ((i * 7919) % 13)
+        for k in TRAIN_TAGS:
+            wall += 2.1e-5
+            payloads.append(_scalar_payload(wall, st, tagb[k], vals[k][i]))
+        points += len(TRAIN_TAGS)
+        if st in evals:
+            wall += evals[st]["eval_runtime"]
+            for k, tb in evtags:
+                wall += 1.7e-5
+                payloads.append(_scalar_payload(wall, st, tb, evals[st][k]))
+            points += len(evtags)
+    # self-check of the hand encoder against protobuf
+    for pl in payloads[3:3000:97] + payloads[-50:]:
+        assert event_pb2.Event.FromString(pl).SerializeToString() == pl
+    data = frame_records(payloads)
+    ev_path.write_bytes(data)
+    meta_path.write_text(json.dumps({"points": points, "records": len(payloads), "event_bytes": len(data),
+                                     "state_bytes": state_path.stat().st_size}))
+    print(f"generated {RUN} in {time.perf_counter() - t:.1f} s (trainer_state {t_state:.1f} s): "
+          f"{state_path.stat().st_size / 1e6:.1f} MB trainer_state.json, {len(data) / 1e6:.1f} MB event file, "
+          f"{len(payloads):,} records, {points:,} scalar points", file=sys.stderr)
+    return state_path, ev_path, points
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements
+# ------------------------------------------------------------------------------------------------
+CHILD_A = """
+import sys, time, json
+t = time.perf_counter()
+from higgs_diag.run.events import read_event_file
+t1 = time.perf_counter()
+r = read_event_file(sys.argv[1])
+t2 = time.perf_counter()
+print(json.dumps({"points": len(r.scalars), "inner": t2 - t1, "import": t1 - t, "problems": [str(p) for p in r.problems],
+                  "texts": sorted(r.texts)}))
+"""
+
+CHILD_C = """
+import sys, time, json
+t = time.perf_counter()
+from tbparse import SummaryReader
+df = SummaryReader(sys.argv[1]).scalars
+print(json.dumps({"points": len(df), "inner": time.perf_counter() - t}))
+"""
+
+CHILD_D = """
+import sys, time, json
+t = time.perf_counter()
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+acc.Reload()
+n = sum(len(acc.Scalars(tag)) for tag in acc.Tags()["scalars"])
+print(json.dumps({"points": n, "inner": time.perf_counter() - t}))
+"""
+
+
+def _measure_rusage(argv: list[str]) -> dict:
+    """Run argv in a fresh process: wall seconds, that process's peak RSS in MB, its stdout/stderr.
+
+    The child is reaped with os.wait4, whose rusage is the child's own (the ru_maxrss that
+    getrusage(RUSAGE_CHILDREN) would report, without the maximum over earlier children)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        t = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=str(REPO))
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        return {"wall": wall, "rss_mb": ru.ru_maxrss / 1024.0, "rc": p.returncode,
+                "stdout": fo.read().decode(errors="replace"), "stderr": fe.read().decode(errors="replace")}
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            obj = json.loads(line)
+            if isinstance(obj, dict):
+                return obj
+        except ValueError:
+            continue
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {}
+
+
+def _analyze_points(report: dict):
+    """Points read, from the analyze JSON report when it says (summary.n_points or similar)."""
+    summ = report.get("summary", {}) if isinstance(report, dict) else {}
+    for key in ("n_points", "points", "scalar_points", "n_scalars"):
+        if isinstance(summ.get(key), int):
+            return summ[key]
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regenerate", action="store_true")
+    ap.add_argument("--only", default="a,b,c,d")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    opts = ap.parse_args()
+    if opts.generate_only:
+        generate(opts.regenerate)
+        return 0
+    # generate in a child, so that this process stays small (a forked child starts with its parent's RSS)
+    gen = [sys.executable, str(Path(__file__).resolve()), "--generate-only"] + (["--regenerate"] if opts.regenerate else [])
+    subprocess.run(gen, check=True)
+    state_path, ev_path, written = generate(False)
+    py = sys.executable
+    cli = Path(py).parent / "higgs-diag"
+    only = set(opts.only.split(","))
+    rows = []
+    print(f"run: {RUN}\n  {state_path.relative_to(RUN)} {state_path.stat().st_size / 1e6:.1f} MB\n"
+          f"  {ev_path.relative_to(RUN)} {ev_path.stat().st_size / 1e6:.1f} MB, {written:,} scalar points written",
+          file=sys.stderr)
+
+    if "a" in only:
+        m = _measure_rusage([py, "-c", CHILD_A, str(ev_path)])
+        out = _last_json(m["stdout"])
+        rows.append(("(a) higgs_diag read_event_file", m, out.get("points"), out.get("inner")))
+        if m["rc"] or out.get("problems"):
+            print(m["stderr"][-2000:], out.get("problems"), file=sys.stderr)
+    if "b" in only:
+        has_cli = cli.exists() and subprocess.run([str(cli), "analyze", "--help"], capture_output=True).returncode == 0
+        if not has_cli:
+            print("(b) skipped: `higgs-diag analyze` does not exist yet", file=sys.stderr)
+        else:
+            m = _measure_rusage([str(cli), "analyze", str(RUN), "--format", "json"])
+            report = _last_json(m["stdout"]) if m["stdout"].strip() else {}
+            if m["rc"] not in (0, 1):
+                print(f"(b) exit code {m['rc']}: {m['stderr'][-2000:]}", file=sys.stderr)
+            rows.append(("(b) higgs-diag analyze --format json", m, _analyze_points(report), None))
+    if "c" in only:
+        m = _measure_rusage([py, "-c", CHILD_C, str(ev_path)])
+        out = _last_json(m["stdout"])
+        rows.append(("(c) tbparse SummaryReader.scalars", m, out.get("points"), out.get("inner")))
+        if m["rc"]:
+            print(m["stderr"][-2000:], file=sys.stderr)
+    if "d" in only:
+        m = _measure_rusage([py, "-c", CHILD_D, str(ev_path)])
+        out = _last_json(m["stdout"])
+        rows.append(("(d) EventAccumulator(scalars=0).Reload", m, out.get("points"), out.get("inner")))
+        if m["rc"]:
+            print(m["stderr"][-2000:], file=sys.stderr)
+
+    ref_a = next((r[1]["wall"] for r in rows if r[0].startswith("(a)")), None)
+    ref_b = next((r[1]["wall"] for r in rows if r[0].startswith("(b)")), None)
+    head = f"{'':40} {'wall s':>8} {'in-proc s':>9} {'peak RSS MB':>11} {'points read':>12} {'written':>9} {'/(b)':>6} {'/(a)':>6}"
+    print(head)
+    print("-" * len(head))
+    for label, m, pts, inner in rows:
+        ratio_b = f"{m['wall'] / ref_b:6.2f}" if ref_b else f"{'-':>6}"
+        ratio_a = f"{m['wall'] / ref_a:6.2f}" if ref_a else f"{'-':>6}"
+        pts_s = f"{pts:,}" if isinstance(pts, int) else "?"
+        inner_s = f"{inner:9.3f}" if isinstance(inner, (int, float)) else f"{'-':>9}"
+        print(f"{label:40} {m['wall']:8.3f} {inner_s} {m['rss_mb']:11.1f} {pts_s:>12} {written:>9,} {ratio_b} {ratio_a}")
+    print(textwrap.dedent("""
+        wall: the whole child process (interpreter start, imports, reading); in-proc: the library call alone.
+        /(b), /(a): wall time relative to `higgs-diag analyze` and to read_event_file (higher = slower).
+        written: scalar events in the event file; analyze's points read count trainer_state.json's too."""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
