@@ -45,7 +45,8 @@ def test_entries_without_step_and_several_eval_sets(tmp_path):
             {"predict_loss": 0.9}]
     res = read_trainer_state(write_state(tmp_path / "trainer_state.json", hist))
     assert res.info.entries_without_step == 1
-    assert ("predict_loss" in res.metrics) and res.steps[res.metrics.index("predict_loss")] == 5
+    metrics = list(res.metrics)
+    assert ("predict_loss" in metrics) and res.steps[metrics.index("predict_loss")] == 5
     assert len(res.info.eval_entry_keys[5]) == 2
 
 

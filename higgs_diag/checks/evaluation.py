@@ -45,13 +45,11 @@ def best_metric_name(run) -> str | None:
 
 def evaluations(run) -> dict[int, set[str]]:
     """step -> the eval_* metrics logged at that step (both sources)."""
-    df = run.scalars
-    if df.empty:
-        return {}
-    ev = df[df["metric"].str.startswith("eval_", na=False)]
     out: dict[int, set[str]] = {}
-    for step, metric in zip(ev["step"].to_numpy(), ev["metric"].to_numpy()):
-        out.setdefault(int(step), set()).add(metric)
+    for metric in run.metrics:
+        if metric.startswith("eval_"):
+            for step in np.unique(run.all_steps(metric)).tolist():
+                out.setdefault(int(step), set()).add(metric)
     return out
 
 

@@ -238,7 +238,10 @@ def lr_schedule(run: Run, t: Thresholds) -> list[Finding]:
         factor = (_expected_factor(sched, peak_step, warmup, max_steps)
                   if warmup is not None and max_steps else None)
         expected = cfg_lr * factor if factor else None
-        rel = peak / (expected or cfg_lr)
+        # compare like with like: the value logged at peak_step (within tolerance of the maximum) with
+        # what the schedule gives at that same step
+        at_peak = float(lr.loc[peak_step]) if expected else peak
+        rel = at_peak / (expected or cfg_lr)
         off = (abs(rel - 1) > t.lr_rel_tolerance) if expected else (peak > cfg_lr * (1 + t.lr_rel_tolerance))
         if off:
             out.append(finding(

@@ -77,7 +77,7 @@ def is_event_file(name: str) -> bool:
 @dataclass
 class EventFileResult:
     path: str
-    scalars: pd.DataFrame  # step (int64), tag (str), value (float64, NaN/Inf kept), wall_time (float64); file order
+    scalars: pd.DataFrame  # step (int64), tag (categorical), value (float64, NaN/Inf kept), wall_time (float64); file order
     texts: dict[str, str] = field(default_factory=dict)  # tag without "/text_summary" -> text (last wins)
     problems: list[ReadProblem] = field(default_factory=list)
     n_records: int = 0  # records with a valid frame and both CRCs
@@ -711,7 +711,8 @@ def read_event_file(path) -> EventFileResult:
         del buf  # before the DataFrame is built: peak memory
         if cols is not None:
             step, tid, val, wall, names = cols
-            res.scalars = pd.DataFrame({"step": step, "tag": names[tid], "value": val, "wall_time": wall})
+            tag = pd.Categorical.from_codes(np.asarray(tid, dtype=np.int32), categories=pd.Index(names, dtype=object))
+            res.scalars = pd.DataFrame({"step": step, "tag": tag, "value": val, "wall_time": wall})
     except Exception as e:  # a reader bug must not take the whole analysis down
         res.problems.append(ReadProblem(
             name, f"could not be decoded ({type(e).__name__}: {e})", kind="unreadable", fatal=res.n_records == 0))

@@ -26,13 +26,57 @@ def canonical_tag(tag: str) -> str:
     return KEY_ALIASES.get(name, name)
 
 
-def _segments(df: pd.DataFrame) -> np.ndarray:
+def _segments(step: np.ndarray, file_codes: np.ndarray, metric_codes: np.ndarray, n_metrics: int) -> np.ndarray:
     """Per (file, metric) in file order: +1 each time the step goes backwards (a resumed run)."""
-    if df.empty:
+    if len(step) == 0:
         return np.zeros(0, dtype="int64")
-    key = df["file"].astype(str) + "\x00" + df["metric"].astype(str)
-    back = (df.groupby(key, sort=False)["step"].diff() < 0).astype("int64")
-    return back.groupby(key, sort=False).cumsum().to_numpy(dtype="int64")
+    key = file_codes.astype(np.int64) * max(n_metrics, 1) + metric_codes.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    k, st = key[order], step[order]
+    back = np.zeros(len(k), dtype=np.int64)
+    back[1:] = (k[1:] == k[:-1]) & (st[1:] < st[:-1])
+    csum = np.cumsum(back)
+    starts = np.ones(len(k), dtype=bool)
+    starts[1:] = k[1:] != k[:-1]
+    group_base = np.maximum.accumulate(np.where(starts, csum, 0))  # csum at each group's first row
+    seg = np.empty(len(k), dtype=np.int64)
+    seg[order] = csum - group_base
+    return seg
+
+
+def _categorical_metric(names: np.ndarray | pd.Categorical) -> pd.Categorical:
+    """Canonical metric names as a categorical (TensorBoard tags mapped; several tags may map to one)."""
+    cat = names if isinstance(names, pd.Categorical) else pd.Categorical(names)
+    canon = [canonical_tag(str(c)) for c in cat.categories]
+    uniq = list(dict.fromkeys(canon))
+    remap = np.array([uniq.index(c) for c in canon], dtype=np.int32)
+    codes = np.where(cat.codes >= 0, remap[np.maximum(cat.codes, 0)], -1)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(uniq, dtype=object))
+
+
+def _assemble(parts: list[dict]) -> pd.DataFrame:
+    """One tidy frame from the per-file columns; metric, source and file are categoricals (memory, speed)."""
+    from pandas.api.types import union_categoricals
+
+    if not parts:
+        return empty_scalars()
+    step = np.concatenate([p["step"] for p in parts]).astype(np.int64, copy=False)
+    metric = union_categoricals([p["metric"] for p in parts], ignore_order=True)
+    files = [p["file"] for p in parts]
+    sources = list(dict.fromkeys(p["source"] for p in parts))
+    counts = [len(p["step"]) for p in parts]
+    file_codes = np.repeat(np.arange(len(files), dtype=np.int32), counts)
+    source_codes = np.repeat(np.array([sources.index(p["source"]) for p in parts], dtype=np.int32), counts)
+    df = pd.DataFrame({
+        "step": step,
+        "metric": metric,
+        "value": np.concatenate([p["value"] for p in parts]).astype(np.float64, copy=False),
+        "source": pd.Categorical.from_codes(source_codes, categories=pd.Index(sources, dtype=object)),
+        "wall_time": np.concatenate([p["wall_time"] for p in parts]).astype(np.float64, copy=False),
+        "file": pd.Categorical.from_codes(file_codes, categories=pd.Index(files, dtype=object)),
+    })
+    df["segment"] = _segments(step, file_codes, metric.codes, len(metric.categories))
+    return df[SCALAR_COLUMNS]
 
 
 def _parse_json_text(text: str, file: str, what: str, problems: list[ReadProblem]) -> dict | None:
@@ -72,7 +116,7 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
     run = Run(root=str(path))
     run.checkpoints = files.checkpoints
     run.other_files = [f for f, _ in files.not_read]
-    frames: list[pd.DataFrame] = []
+    parts: list[dict] = []  # per-file columns, assembled once at the end
 
     # trainer_state.json: every one is read for its fields, the most complete log_history is used.
     results = []
@@ -92,15 +136,12 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
 
         best = max(results, key=completeness)
         run.state = best.info
-        if best.steps:
-            frames.append(pd.DataFrame({
-                "step": np.asarray(best.steps, dtype="int64"),
-                "metric": best.metrics,
-                "value": np.asarray(best.values, dtype="float64"),
-                "source": "trainer_state",
-                "wall_time": np.nan,
-                "file": best.info.path,
-            }))
+        if len(best.steps):
+            parts.append({"step": np.asarray(best.steps, dtype="int64"),
+                          "metric": _categorical_metric(np.asarray(best.metrics, dtype=object)),
+                          "value": np.asarray(best.values, dtype="float64"),
+                          "wall_time": np.full(len(best.steps), np.nan),
+                          "source": "trainer_state", "file": best.info.path})
 
     # TensorBoard event files, oldest first, all merged.
     if files.event_files:
@@ -114,16 +155,12 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
                 run.files_read.append(str(p))
             if len(ev.scalars):
                 sc = ev.scalars
-                tags = sc["tag"].astype(str)
-                mapping = {t: canonical_tag(t) for t in tags.unique()}
-                frames.append(pd.DataFrame({
-                    "step": sc["step"].to_numpy(dtype="int64"),
-                    "metric": tags.map(mapping).to_numpy(),
-                    "value": sc["value"].to_numpy(dtype="float64"),
-                    "source": "tensorboard",
-                    "wall_time": sc["wall_time"].to_numpy(dtype="float64"),
-                    "file": str(p),
-                }))
+                tags = sc["tag"].array if isinstance(sc["tag"].dtype, pd.CategoricalDtype) else sc["tag"].to_numpy()
+                parts.append({"step": sc["step"].to_numpy(dtype="int64"),
+                              "metric": _categorical_metric(tags),
+                              "value": sc["value"].to_numpy(dtype="float64"),
+                              "wall_time": sc["wall_time"].to_numpy(dtype="float64"),
+                              "source": "tensorboard", "file": str(p)})
             for what, attr in (("args", "args"), ("model_config", "model_config")):
                 if what in ev.texts:
                     obj = _parse_json_text(ev.texts[what], str(p), what, run.problems)
@@ -139,12 +176,7 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
         if not problems:
             run.files_read.append(str(p))
 
-    if frames:
-        df = pd.concat(frames, ignore_index=True)
-        df["segment"] = _segments(df)
-        run.scalars = df[SCALAR_COLUMNS]
-    else:
-        run.scalars = empty_scalars()
+    run.scalars = _assemble(parts)
 
     if not run.files_read and not run.checkpoints:
         reasons = "; ".join(str(p) for p in run.problems) or "nothing readable"

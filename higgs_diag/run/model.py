@@ -171,6 +171,14 @@ class Run:
         self._series_cache[metric] = s
         return s
 
+    def all_steps(self, metric: str) -> np.ndarray:
+        """Every step at which ``metric`` was logged, in any source (duplicates kept)."""
+        self.series("")  # builds the per-metric index once
+        pos = self._series_cache[None].get(metric)
+        if pos is None:
+            return np.zeros(0, dtype="int64")
+        return self.scalars["step"].to_numpy()[pos]
+
     def arg(self, name: str, default: Any = None) -> Any:
         if self.args and name in self.args:
             return self.args[name]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
+
+import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +24,10 @@ _INT_FIELDS = ("global_step", "max_steps", "logging_steps", "eval_steps", "save_
 @dataclass
 class StateResult:
     info: TrainerStateInfo | None
-    steps: list[int] = field(default_factory=list)
-    metrics: list[str] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
+    # long columns in entry order (numpy arrays once read; lists when empty)
+    steps: "np.ndarray | list" = field(default_factory=list)
+    metrics: "np.ndarray | list" = field(default_factory=list)
+    values: "np.ndarray | list" = field(default_factory=list)
     problems: list[ReadProblem] = field(default_factory=list)
     non_numeric: int = 0  # values that were neither numbers nor numeric strings (kept out of the scalars)
 
@@ -110,37 +114,79 @@ def read_trainer_state(path: str | Path) -> StateResult:
     return res
 
 
-def _flatten(history: list, res: StateResult) -> None:
-    steps, metrics, values = res.steps, res.metrics, res.values
-    info = res.info
-    last_step = 0
+def _entry_steps(history: list, info: TrainerStateInfo) -> list[int]:
+    """The step of every entry; an entry without one (e.g. predict_* results appended after training)
+    is attached to the step of the entry before it."""
+    steps = []
+    last = 0
     for entry in history:
-        if not isinstance(entry, dict):
-            res.non_numeric += 1
-            continue
-        step = _to_int(entry.get("step"))
-        if step is None:
-            info.entries_without_step += 1
-            step = last_step  # e.g. predict_* results appended after training: attach to the last step
+        st = _to_int(entry.get("step")) if isinstance(entry, dict) else None
+        if st is None:
+            if isinstance(entry, dict):
+                info.entries_without_step += 1
+            st = last
         else:
-            last_step = step
-        eval_keys = None
-        for key, v in entry.items():
-            if key == "step":
-                continue
-            f = _to_float(v)
-            if f is None:
-                res.non_numeric += 1
-                continue
-            key = KEY_ALIASES.get(key, key)
-            steps.append(step)
-            metrics.append(key)
-            values.append(f)
-            if key.startswith("eval_"):
-                eval_keys = eval_keys or []
-                eval_keys.append(key)
+            last = st
+        steps.append(st)
+    return steps
+
+
+def _flatten(history: list, res: StateResult) -> None:
+    """log_history -> long columns in entry order. Entries are grouped by their key tuple (a 143k-step
+    history has a handful of distinct ones) so that each group converts to floats in one numpy call;
+    a group holding strings or nulls falls back to converting value by value."""
+    info = res.info
+    entry_steps = _entry_steps(history, info)
+    groups: dict[tuple, list[int]] = {}
+    for i, entry in enumerate(history):
+        if isinstance(entry, dict):
+            groups.setdefault(tuple(entry), []).append(i)
+        else:
+            res.non_numeric += 1
+    order_parts, step_parts, metric_parts, value_parts = [], [], [], []
+    width = max((len(k) for k in groups), default=1) + 1  # entry index * width + key position = entry order
+    for keys, idx in groups.items():
+        keys = tuple(k for k in keys if k != "step")
+        if not keys:
+            continue
+        entries = [history[i] for i in idx]
+        getter = operator.itemgetter(*keys)
+        rows = list(map(getter, entries)) if len(keys) > 1 else [(v,) for v in map(getter, entries)]
+        try:
+            block = np.array(rows, dtype="float64")  # fails on strings/None/nested values
+            if block.shape != (len(idx), len(keys)):
+                raise ValueError
+            present = np.ones(block.shape, dtype=bool)
+        except (TypeError, ValueError):
+            block = np.full((len(idx), len(keys)), np.nan)
+            present = np.zeros(block.shape, dtype=bool)
+            for r, row in enumerate(rows):
+                for c, v in enumerate(row):
+                    f = _to_float(v)
+                    if f is None:
+                        res.non_numeric += 1
+                    else:
+                        block[r, c] = f
+                        present[r, c] = True
+        n_k = len(keys)
+        idx_arr = np.asarray(idx, dtype=np.int64)
+        order_parts.append((idx_arr[:, None] * width + np.arange(n_k)[None, :])[present])
+        step_parts.append(np.repeat(np.asarray([entry_steps[i] for i in idx], dtype=np.int64), n_k)
+                          .reshape(len(idx), n_k)[present])
+        names = np.array([KEY_ALIASES.get(k, k) for k in keys], dtype=object)
+        metric_parts.append(np.broadcast_to(names, block.shape)[present])
+        value_parts.append(block[present])
+        eval_keys = [KEY_ALIASES.get(k, k) for k in keys if KEY_ALIASES.get(k, k).startswith("eval_")]
         if eval_keys:
-            info.eval_entry_keys.setdefault(step, []).append(eval_keys)
+            for i in idx:
+                info.eval_entry_keys.setdefault(entry_steps[i], []).append(list(eval_keys))
+    if not order_parts:
+        return
+    order = np.concatenate(order_parts)
+    perm = np.argsort(order, kind="stable")  # back to entry order, keys in their order within an entry
+    res.steps = np.concatenate(step_parts)[perm]
+    res.metrics = np.concatenate(metric_parts)[perm]
+    res.values = np.concatenate(value_parts)[perm]
 
 
 def _salvage(text: str):
