@@ -115,7 +115,10 @@ class Thresholds:
         p = Path(path)
         text = p.read_text(encoding="utf-8")
         if p.suffix.lower() == ".toml":
-            import tomllib  # Python 3.11+
+            try:
+                import tomllib  # Python 3.11+
+            except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+                raise ValueError(f"{p}: TOML needs Python 3.11+; use a JSON file") from None
 
             data = tomllib.loads(text)
             data = data.get("thresholds", data)
