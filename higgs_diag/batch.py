@@ -1,0 +1,323 @@
+"""Higgs Audio batches: the schema, safe loading and saving, and the batch validation that the trainer runs
+before every forward and `replay-batch` runs offline (one implementation for both).
+
+Needs torch only. Nothing is unpickled: ``.pt`` files load with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+# HiggsAudioBatchInput's fields (boson_multimodal.data_collator.higgs_audio_collator), in its order.
+FIELDS = (
+    "input_ids", "attention_mask", "audio_features", "audio_feature_attention_mask", "audio_out_ids",
+    "audio_out_ids_start", "audio_out_ids_start_group_loc", "audio_in_ids", "audio_in_ids_start", "label_ids",
+    "label_audio_ids", "reward",
+)
+REQUIRED = ("input_ids", "label_ids", "audio_out_ids", "label_audio_ids", "audio_out_ids_start")
+META_KEY = "_higgs_diag"  # the trainer's dumps keep step and losses here (plain Python values)
+DUMP_FORMAT = "higgs-diag.batch/1"
+
+
+class BatchError(Exception):
+    """A batch file that cannot be used (the message names the file and what is wrong)."""
+
+
+class BatchValidationError(ValueError):
+    """Raised by ``validate_batch(mode="strict")``: the message names the field."""
+
+    def __init__(self, issues: list["BatchIssue"]):
+        self.issues = issues
+        super().__init__("; ".join(str(i) for i in issues))
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a batch is checked against, from the model config (all optional)."""
+
+    num_codebooks: int | None = None
+    codebook_size: int | None = None  # codes per codebook, without the stream BOS/EOS
+    stream_bos_id: int | None = None
+    stream_eos_id: int | None = None
+    use_delay_pattern: bool | None = None
+    audio_out_token_idx: int | None = None
+    vocab_size: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> "BatchSpec":
+        """From a HiggsAudioConfig, its ``to_dict()`` or the logged ``model_config`` JSON."""
+        if config is None:
+            return cls()
+        get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+        text = get("text_config", None)
+        tget = text.get if isinstance(text, Mapping) else (lambda k, d=None: getattr(text, k, d))
+        return cls(
+            num_codebooks=get("audio_num_codebooks", None),
+            codebook_size=get("audio_codebook_size", None),
+            stream_bos_id=get("audio_stream_bos_id", None),
+            stream_eos_id=get("audio_stream_eos_id", None),
+            use_delay_pattern=get("use_delay_pattern", None),
+            audio_out_token_idx=get("audio_out_token_idx", None),
+            vocab_size=tget("vocab_size", None) if text is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class BatchIssue:
+    """One problem with a batch. ``kind`` is stable (the trainer logs each kind once, replay maps kinds to
+    findings); ``severity`` is ``critical`` or ``warning``."""
+
+    kind: str
+    field: str
+    message: str
+    severity: str = "critical"
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conversion, loading, saving
+# ---------------------------------------------------------------------------------------------------------
+def as_dict(batch: Any) -> dict[str, Any]:
+    """A batch as a plain dict of its non-None fields: from a dict, a ``HiggsAudioBatchInput`` (or any
+    dataclass), or an object with attributes named like boson's fields."""
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if v is not None}
+    if dataclasses.is_dataclass(batch):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
+                if getattr(batch, f.name) is not None}
+    out = {k: getattr(batch, k) for k in FIELDS if getattr(batch, k, None) is not None}
+    if not out:
+        raise TypeError(f"not a Higgs Audio batch: {type(batch).__name__} has none of the fields {', '.join(REQUIRED)}")
+    return out
+
+
+def save_batch(path: str | Path, batch: Any, meta: Mapping[str, Any] | None = None) -> Path:
+    """Save a batch for ``higgs-diag replay-batch``: a plain dict of CPU tensors with boson field names
+    (``torch.save``), plus ``_higgs_diag`` = {format, step, losses, ...} of plain Python values."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {}
+    for k, v in as_dict(batch).items():
+        if isinstance(v, torch.Tensor):
+            data[k] = v.detach().to("cpu").clone()
+        elif isinstance(v, (int, float, bool)):
+            data[k] = v
+    m = {"format": DUMP_FORMAT}
+    m.update({k: _plain(v) for k, v in (meta or {}).items()})
+    data[META_KEY] = m
+    tmp = p.with_name(p.name + ".tmp")
+    torch.save(data, tmp)
+    tmp.replace(p)
+    return p
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def load_batch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a batch file safely: ``.pt``/``.pth``/``.bin`` with ``torch.load(weights_only=True)``, or
+    ``.safetensors``. Returns (tensors by field name, meta). Raises BatchError with a one-line reason."""
+    p = Path(path)
+    if not p.is_file():
+        raise BatchError(f"{p}: no such file")
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:  # pragma: no cover
+            raise BatchError(f"{p}: reading .safetensors needs the safetensors package (pip install safetensors)")
+        try:
+            data: Any = load_file(str(p))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise BatchError(f"{p}: not a readable safetensors file ({_reason(e)})") from None
+    else:
+        try:
+            data = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            text = str(e)
+            if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+                raise BatchError(f"{p}: holds pickled Python objects, not only tensors; higgs-diag loads batches "
+                                 f"with weights_only=True and never unpickles code (save a dict of tensors)") from None
+            if isinstance(e, (zipfile.BadZipFile, EOFError, RuntimeError)) or "zip" in text.lower():
+                raise BatchError(f"{p}: truncated or not a torch.save file ({_reason(e)})") from None
+            raise BatchError(f"{p}: cannot be loaded ({_reason(e)})") from None
+    if not isinstance(data, Mapping):
+        raise BatchError(f"{p}: expected a dict of tensors with boson field names, got {type(data).__name__}")
+    meta = data.get(META_KEY) if isinstance(data.get(META_KEY), Mapping) else {}
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if "batch" in data and isinstance(data["batch"], Mapping) and not tensors:  # {"batch": {...}} wrapping
+        tensors = {k: v for k, v in data["batch"].items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise BatchError(f"{p}: holds no tensors (keys: {', '.join(map(str, list(data)[:10]))})")
+    known = [k for k in tensors if k in FIELDS]
+    if not known:
+        raise BatchError(f"{p}: none of its tensors is named like a Higgs Audio batch field "
+                         f"({', '.join(list(tensors)[:8])}); expected e.g. {', '.join(REQUIRED)}")
+    return tensors, dict(meta)
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# statistics and validation
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class BatchStats:
+    n_segments: int = 0
+    n_audio_out_tokens: int | None = None
+    audio_positions: int = 0
+    audio_targets: int = 0
+    audio_targets_per_codebook: list[int] = field(default_factory=list)
+    audio_masked_share: float = float("nan")
+    audio_masked_share_per_codebook: list[float] = field(default_factory=list)
+    segments_without_targets: int = 0
+    text_positions: int = 0
+    text_targets: int = 0
+    text_masked_share: float = float("nan")
+    staircase: bool | None = None  # the delay-pattern BOS staircase seen in the inputs
+
+
+def segment_bounds(starts: torch.Tensor, total: int) -> list[tuple[int, int]]:
+    """[start, end) of each audio segment, clipped to the tensor (bad starts give empty segments)."""
+    s = [min(max(int(x), 0), total) for x in starts.reshape(-1).tolist()]
+    return [(a, max(a, s[i + 1] if i + 1 < len(s) else total)) for i, a in enumerate(s)]
+
+
+def batch_stats(batch: Mapping[str, Any], spec: BatchSpec | None = None) -> BatchStats:
+    spec = spec or BatchSpec()
+    st = BatchStats()
+    lab = batch.get("label_ids")
+    if isinstance(lab, torch.Tensor) and lab.numel():
+        am = batch.get("attention_mask")
+        pos = int(am.sum()) if isinstance(am, torch.Tensor) and am.shape == lab.shape else lab.numel()
+        st.text_positions = pos
+        st.text_targets = int((lab != IGNORE_INDEX).sum())
+        st.text_masked_share = 1 - st.text_targets / max(pos, 1)
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and spec.audio_out_token_idx is not None:
+        st.n_audio_out_tokens = int((ids == spec.audio_out_token_idx).sum())
+    out, alab = batch.get("audio_out_ids"), batch.get("label_audio_ids")
+    starts = batch.get("audio_out_ids_start")
+    if isinstance(starts, torch.Tensor):
+        st.n_segments = int(starts.numel())
+    if isinstance(alab, torch.Tensor) and alab.dim() == 2 and alab.numel():
+        valid = alab != IGNORE_INDEX
+        st.audio_positions = int(alab.numel())
+        st.audio_targets = int(valid.sum())
+        st.audio_targets_per_codebook = valid.sum(1).tolist()
+        st.audio_masked_share = 1 - st.audio_targets / alab.numel()
+        st.audio_masked_share_per_codebook = (1 - valid.float().mean(1)).tolist()
+        if isinstance(starts, torch.Tensor) and starts.numel():
+            per_seg = [int(valid[:, a:b].sum()) for a, b in segment_bounds(starts, alab.shape[1])]
+            st.segments_without_targets = sum(1 for n in per_seg if n == 0)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] >= 2 and spec.stream_bos_id is not None \
+            and isinstance(starts, torch.Tensor) and starts.numel():
+        seen = []
+        for a, b in segment_bounds(starts, out.shape[1]):
+            if b - a >= 2 and a + 1 < out.shape[1]:  # delay pattern: codebooks k >= 1 still hold BOS in the segment's second column
+                seen.append(bool((out[1:, a + 1] == spec.stream_bos_id).all()))
+        st.staircase = all(seen) if seen else None
+    return st
+
+
+def validate_batch(batch: Any, spec: BatchSpec | None = None, *, max_masked_share: float = 0.95,
+                   mode: str = "report") -> list[BatchIssue]:
+    """Check one batch before it reaches the model. ``mode``: ``report`` returns the issues, ``strict``
+    raises BatchValidationError when a critical one is found (``warn`` is the trainer's business: it logs
+    each kind once). Cheap: a few reductions over the label tensors, no copies of the batch."""
+    spec = spec or BatchSpec()
+    b = as_dict(batch)
+    issues: list[BatchIssue] = []
+    add = lambda kind, fld, msg, sev="critical": issues.append(BatchIssue(kind, fld, msg, sev))  # noqa: E731
+
+    for name in REQUIRED:
+        if not isinstance(b.get(name), torch.Tensor):
+            add("missing-field", name, "missing from the batch: the model gets no audio targets without it"
+                if name != "input_ids" else "missing from the batch")
+    out, alab, starts = b.get("audio_out_ids"), b.get("label_audio_ids"), b.get("audio_out_ids_start")
+    ids, lab = b.get("input_ids"), b.get("label_ids")
+    if isinstance(out, torch.Tensor):
+        if out.dim() != 2 or out.shape[1] == 0:
+            add("empty-audio-out", "audio_out_ids",
+                f"empty (shape {list(out.shape)}): the model returns audio_logits of shape [0, C, V] and learns no audio")
+        elif spec.num_codebooks is not None and out.shape[0] != spec.num_codebooks:
+            add("codebook-count", "audio_out_ids",
+                f"has {out.shape[0]} codebooks, the model config has audio_num_codebooks={spec.num_codebooks}")
+    if isinstance(out, torch.Tensor) and isinstance(alab, torch.Tensor) and out.shape != alab.shape:
+        add("shape-mismatch", "label_audio_ids",
+            f"shape {list(alab.shape)} differs from audio_out_ids {list(out.shape)}: labels and inputs must align")
+    if isinstance(ids, torch.Tensor) and isinstance(lab, torch.Tensor) and ids.shape != lab.shape:
+        add("shape-mismatch", "label_ids", f"shape {list(lab.shape)} differs from input_ids {list(ids.shape)}")
+    if isinstance(starts, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == 2:
+        s = starts.reshape(-1)
+        if s.numel() == 0 and out.shape[1] > 0:
+            add("bad-starts", "audio_out_ids_start", "empty while audio_out_ids holds codes")
+        elif s.numel():
+            if int(s[0]) != 0 or bool((s[1:] <= s[:-1]).any()) or int(s[-1]) >= max(out.shape[1], 1):
+                add("bad-starts", "audio_out_ids_start",
+                    f"{s.tolist()[:8]} must start at 0, increase strictly and stay inside audio_out_ids "
+                    f"(length {out.shape[1]})")
+    if isinstance(alab, torch.Tensor) and alab.numel():
+        hi = (spec.codebook_size + 2) if spec.codebook_size is not None else None
+        bad = (alab < 0) & (alab != IGNORE_INDEX)
+        if hi is not None:
+            bad |= alab >= hi
+        if bool(bad.any()):
+            v = alab[bad][0].item()
+            add("label-range", "label_audio_ids", f"holds {int(bad.sum())} values outside -100 and "
+                f"[0, {hi - 1 if hi else 'codebook_size+1'}] (e.g. {v})")
+    if isinstance(lab, torch.Tensor) and lab.numel() and spec.vocab_size is not None:
+        bad = ((lab < 0) & (lab != IGNORE_INDEX)) | (lab >= spec.vocab_size)
+        if bool(bad.any()):
+            add("label-range", "label_ids", f"holds {int(bad.sum())} values outside -100 and [0, {spec.vocab_size - 1}]")
+    if isinstance(out, torch.Tensor) and isinstance(alab, torch.Tensor) and out.shape == alab.shape and out.numel():
+        if not bool((alab == IGNORE_INDEX).any()) and torch.equal(out, alab):
+            add("labels-are-inputs", "label_audio_ids",
+                "identical to audio_out_ids (no -100 anywhere): stream BOS, delay-pattern fills and reference "
+                "audio are trained; use the collator's label_audio_ids")
+    st = batch_stats(b, spec)
+    if st.audio_positions:
+        if st.audio_targets == 0:
+            add("all-audio-masked", "label_audio_ids", "every audio label is -100: no audio target reaches the loss")
+        elif st.audio_masked_share > max_masked_share:
+            add("over-masked", "label_audio_ids",
+                f"{st.audio_masked_share:.1%} of the audio labels are -100 (threshold {max_masked_share:.0%})",
+                "warning")
+    if st.n_audio_out_tokens is not None and st.n_segments and st.n_audio_out_tokens != st.n_segments:
+        add("segment-count", "input_ids", f"holds {st.n_audio_out_tokens} <|AUDIO_OUT|> tokens for {st.n_segments} "
+            f"audio-out segments (audio_out_ids_start): text and audio are misaligned")
+    if spec.use_delay_pattern is not None and st.staircase is not None and st.staircase != spec.use_delay_pattern:
+        add("delay-pattern", "audio_out_ids",
+            "built without the delay pattern while model.config.use_delay_pattern=True" if spec.use_delay_pattern
+            else "has the delay-pattern staircase while model.config.use_delay_pattern=False")
+    if mode == "strict" and any(i.severity == "critical" for i in issues):
+        raise BatchValidationError([i for i in issues if i.severity == "critical"])
+    return issues
+
+
+def finite_or_none(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
