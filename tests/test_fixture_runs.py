@@ -23,6 +23,11 @@ EXPECTED = {
     "nan-masked": ("HD301", Severity.CRITICAL, {"HD302"}),
     "overfitting": ("HD405", Severity.WARNING, set()),
     "lr-schedule": ("HD501", Severity.WARNING, set()),
+    # console-log stories (fixtures/make_crash_runs.py)
+    "no-loss-returned": ("HD104", Severity.CRITICAL, set()),
+    "resume-unpickling": ("HD702", Severity.CRITICAL, set()),
+    "newly-initialized": ("HD003", Severity.WARNING, set()),
+    "crashed": ("HD004", Severity.CRITICAL, set()),
 }
 HEALTHY = ("healthy", "healthy-lora")
 

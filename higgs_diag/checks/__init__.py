@@ -41,7 +41,8 @@ class Check:
 
 
 REGISTRY: dict[str, Check] = {}
-_MODULES = ("inputs", "evaluation", "audio", "numerics", "optimisation", "schedule", "config_checks", "resume")
+_MODULES = ("inputs", "console", "evaluation", "audio", "numerics", "optimisation", "schedule", "config_checks",
+            "resume")
 
 
 def check(code: str, category: str, *, rank: int = 50, scope: str = "generic",

@@ -1,0 +1,128 @@
+"""Checks on the console log: the messages that explain a run that stopped or resumed badly."""
+from __future__ import annotations
+
+from ..diagnosis import Severity
+from . import check, finding
+
+# log-event kinds that a dedicated check explains (a traceback of one of these is not "unexplained")
+_EXPLAINED = {"metric-keyerror", "no-loss", "rng-unpickling"}
+
+
+def _at(e) -> str:
+    return f"{e.file}:{e.line}: {e.text[:400]}"
+
+
+@check("HD104", "loss-missing", rank=2)
+def model_returned_no_loss(run, t):
+    """Training stopped: the model did not return a loss.
+
+    What it detects: `ValueError: The model did not return a loss from the inputs` in the console log.
+
+    Why it happens: `HiggsAudioModel.forward` computes no loss: its output declares `loss`,
+    `llm_loss` and `audio_loss` but leaves them `None` (boson_multimodal 0.1.1). The HF Trainer's
+    default `compute_loss` then raises; a `compute_loss` that returns `outputs.loss` returns `None`.
+
+    Example: `train.log:88: ValueError: The model did not return a loss from the inputs, only the
+    following keys: logits,audio_logits,...`.
+
+    Fix: compute the loss yourself from `logits`/`expanded_labels` and `audio_logits`/`label_audio_ids`,
+    shifted by one position (`higgs_diag.losses.higgs_audio_loss`), or train with
+    `higgs_diag.trainer.HiggsAudioTrainer`, which does.
+    """
+    ev = [e for e in run.log_events if e.kind == "no-loss"]
+    if not ev:
+        return
+    yield finding(
+        Severity.CRITICAL, "Training stopped: the model did not return a loss",
+        evidence=[_at(e) for e in ev[:2]],
+        explanation="HiggsAudioModel.forward returns logits and audio_logits but no loss; the Trainer's default "
+                    "compute_loss needs outputs.loss and raises.",
+        fix="Override compute_loss with the shifted dual loss (higgs_diag.losses.higgs_audio_loss) or use "
+            "higgs_diag.trainer.HiggsAudioTrainer.")
+
+
+@check("HD702", "resume-failed", rank=4)
+def resume_rng_unpickling(run, t):
+    """Resuming failed: transformers 4.46 cannot load `rng_state.pth` under torch >= 2.6.
+
+    What it detects: `UnpicklingError: Weights only load failed` in the console log, the error that
+    `resume_from_checkpoint` hits when it loads the checkpoint's RNG state.
+
+    Why it happens: torch 2.6 made `torch.load(weights_only=True)` the default; `rng_state.pth` holds
+    numpy RNG state (pickled numpy objects), which the weights-only unpickler refuses, and
+    transformers 4.46's `_load_rng_state` does not allow them.
+
+    Example: `train.log:40: _pickle.UnpicklingError: Weights only load failed. ... Unsupported global:
+    GLOBAL numpy.core.multiarray._reconstruct`.
+
+    Fix: resume with `higgs_diag.trainer.HiggsAudioTrainer`, which loads the RNG state with exactly the
+    numpy globals it needs allowed (only for that file), or upgrade transformers; do not set
+    `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` for the whole process.
+    """
+    ev = [e for e in run.log_events if e.kind == "rng-unpickling"]
+    if not ev:
+        return
+    yield finding(
+        Severity.CRITICAL, "Resuming from a checkpoint failed: rng_state.pth is refused by torch's weights-only load",
+        evidence=[_at(e) for e in ev[:2]],
+        explanation="transformers 4.46 loads rng_state.pth with torch.load, whose weights_only default (torch >= 2.6) "
+                    "refuses the numpy objects in that file, so resume_from_checkpoint stops before training.",
+        fix="Resume with higgs_diag.trainer.HiggsAudioTrainer (it allows exactly the numpy globals of the RNG state "
+            "for that one load), or use transformers >= 4.49 when boson_multimodal allows it.")
+
+
+@check("HD003", "config-mismatch", rank=30)
+def newly_initialized_weights(run, t):
+    """Some weights were newly initialised when the model was loaded: they start from random values.
+
+    What it detects: the transformers warning `Some weights of ... were not initialized from the model
+    checkpoint ... and are newly initialized` in the console log.
+
+    Why it happens: the checkpoint does not hold every parameter of the model class being built: a
+    config with other `audio_num_codebooks` / `audio_dual_ffn_layers` than the checkpoint, a base
+    checkpoint without the audio heads, or renamed keys. For Higgs Audio, randomly initialised audio
+    heads or codebook embeddings make the start of fine-tuning look like training from scratch.
+
+    Example: `train.log:12: Some weights of HiggsAudioModel were not initialized from the model checkpoint
+    at ./base and are newly initialized: ['audio_codebook_embeddings.weight']`.
+
+    Fix: build the model from the checkpoint's own config (`HiggsAudioConfig.from_pretrained(path)`),
+    and check the listed weights: they should be empty for a fine-tune.
+    """
+    ev = [e for e in run.log_events if e.kind == "newly-initialized"]
+    if not ev:
+        return
+    yield finding(
+        Severity.WARNING, "Some weights were newly initialised at load time",
+        evidence=[_at(e) for e in ev[:3]],
+        explanation="The listed parameters were not in the checkpoint and start from random values.",
+        fix="Load with the checkpoint's own config and make sure the listed weights are expected to be new.")
+
+
+@check("HD004", "training-crashed", rank=60)
+def unexplained_crash(run, t):
+    """The console log ends with a traceback that no other check explains.
+
+    What it detects: the last `Traceback (most recent call last):` of the console log and its exception
+    line, when it is not one of the failures with a dedicated check (the best-metric KeyError, the
+    missing loss, the RNG-state unpickling error).
+
+    Why it happens: anything from out-of-memory to a data error; the exception line is the start.
+
+    Example: `train.log:310: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB`.
+
+    Fix: read the exception; the checks above it in this report may show what led to it.
+    """
+    tbs = [e for e in run.log_events if e.kind == "traceback"]
+    if not tbs:
+        return
+    last = tbs[-1]
+    explained = any(e.kind in _EXPLAINED and e.file == last.file and e.line >= last.line for e in run.log_events)
+    if explained:
+        return
+    yield finding(
+        Severity.CRITICAL, f"Training stopped with {last.text.split(':')[0]}",
+        evidence=[_at(last)],
+        explanation="The run ended with an exception that higgs-diag has no dedicated check for.",
+        fix="Read the traceback in the log; fix the exception, then resume from the last checkpoint.")
+
