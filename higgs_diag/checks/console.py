@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..diagnosis import Severity
-from . import check, finding
+from . import causes, check, finding
 
 # log-event kinds that a dedicated check explains (a traceback of one of these is not "unexplained")
 _EXPLAINED = {"metric-keyerror", "no-loss", "rng-unpickling"}
@@ -105,7 +105,8 @@ def unexplained_crash(run, t):
 
     What it detects: the last `Traceback (most recent call last):` of the console log and its exception
     line, when it is not one of the failures with a dedicated check (the best-metric KeyError, the
-    missing loss, the RNG-state unpickling error).
+    missing loss, the RNG-state unpickling error). Info only when a later session in the same log
+    completed ("Training completed."), e.g. a pre-empted run that was resumed.
 
     Why it happens: anything from out-of-memory to a data error; the exception line is the start.
 
@@ -120,9 +121,22 @@ def unexplained_crash(run, t):
     explained = any(e.kind in _EXPLAINED and e.file == last.file and e.line >= last.line for e in run.log_events)
     if explained:
         return
+    later = [e for e in run.log_events if e.kind == "training-completed" and e.file == last.file and e.line > last.line]
+    exc = last.text.split(":")[0]
+    if later:  # a later session in the same log finished: the crash is history (a resume worked)
+        yield finding(
+            Severity.INFO, f"An earlier session stopped with {exc}; a later one completed",
+            evidence=[_at(last), _at(later[-1])],
+            explanation="The log holds a traceback followed by a completed training session, e.g. a pre-empted job "
+                        "that was resumed.",
+            fix="Nothing to do if the resumed run is what you wanted; see resume-discontinuity for repeated steps.")
+        return
     yield finding(
-        Severity.CRITICAL, f"Training stopped with {last.text.split(':')[0]}",
+        Severity.CRITICAL, f"Training stopped with {exc}",
         evidence=[_at(last)],
         explanation="The run ended with an exception that higgs-diag has no dedicated check for.",
         fix="Read the traceback in the log; fix the exception, then resume from the last checkpoint.")
 
+
+
+causes("HD701", "HD004")  # a crash in the log explains the resume that follows it

@@ -14,10 +14,13 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
     ("early-stopping-disabled", re.compile(r"early stopping is disabled")),
     ("newly-initialized", re.compile(r"newly initialized|were not initialized from the model checkpoint")),
     ("rng-unpickling", re.compile(r"Weights only load failed")),
+    ("training-completed", re.compile(r"^Training completed\.")),
     ("empty-audio-logits", re.compile(r"audio_logits.*(?:\[0,|torch\.Size\(\[0,)|empty audio logits", re.I)),
 ]
 TRACEBACK_START = "Traceback (most recent call last):"
-_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|KeyError|StopIteration)\b(:.*)?$")
+# the exception line that ends a traceback: "ValueError: ...", "torch.OutOfMemoryError: ...", "KeyboardInterrupt"
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(: .*|:)?$")
+_NOT_EXC = ("During handling of the above exception", "The above exception was the direct cause")
 MAX_LINE = 2000  # characters of one line kept in evidence
 
 
@@ -42,7 +45,7 @@ def read_log(path: str | Path) -> tuple[list[LogEvent], list[ReadProblem]]:
         if s.startswith(TRACEBACK_START):
             in_tb, tb_start = True, no
             continue
-        if in_tb and s and not line.startswith((" ", "\t")) and _EXC_LINE.match(s):
+        if in_tb and s and not line.startswith((" ", "\t")) and not s.startswith(_NOT_EXC) and _EXC_LINE.match(s):
             events.append(LogEvent("traceback", name, tb_start, s[:MAX_LINE]))
             in_tb = False
     return events, []
