@@ -107,3 +107,26 @@ def test_json_report_of_a_fixture_follows_the_contract():
     f = doc["findings"][0]
     assert set(f) >= {"code", "category", "severity", "title", "evidence", "explanation", "fix", "steps", "caused_by"}
     assert f["category"] == "audio-loss-collapse"
+
+
+def test_training_args_pickle_is_inventoried_not_loaded(tmp_path):
+    """A checkpoint copied without its runs/ folder: the arguments exist only as a pickle, which is never
+    unpickled (HD002 says so); with the event files the arguments are read and HD002 is quiet."""
+    import shutil
+
+    ckpt = tmp_path / "checkpoint-250"
+    shutil.copytree(RUNS / "healthy" / "checkpoint-250", ckpt)
+    diag = higgs_diag.analyze(ckpt)
+    hd002 = diag.by_code("HD002")
+    assert hd002 and hd002[0].severity == Severity.INFO and "training_args.bin" in hd002[0].evidence[0]
+    assert not _diag("healthy").by_code("HD002")
+
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="shared corpus not present")
+def test_truncated_event_file_is_a_finding_with_its_offset():
+    diag = higgs_diag.analyze(CORPUS / "tensorboard" / "aki168__113-financial-big-data-analysis")
+    cut = [f for f in diag.by_code("HD001") if "truncated" in f.evidence[0]]
+    assert cut and cut[0].severity == Severity.WARNING and " at byte " in cut[0].evidence[0]
