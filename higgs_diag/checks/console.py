@@ -12,6 +12,13 @@ def _at(e) -> str:
     return f"{e.file}:{e.line}: {e.text[:400]}"
 
 
+def _from_log(run, kind: str, severity: Severity, title: str, explanation: str, fix: str, limit: int = 2):
+    """One finding quoting the log lines of ``kind``, or nothing when the log has none."""
+    ev = [e for e in run.log_events if e.kind == kind]
+    if ev:
+        yield finding(severity, title, evidence=[_at(e) for e in ev[:limit]], explanation=explanation, fix=fix)
+
+
 @check("HD104", "loss-missing", rank=2)
 def model_returned_no_loss(run, t):
     """Training stopped: the model did not return a loss.
@@ -29,12 +36,8 @@ def model_returned_no_loss(run, t):
     shifted by one position (`higgs_diag.losses.higgs_audio_loss`), or train with
     `higgs_diag.trainer.HiggsAudioTrainer`, which does.
     """
-    ev = [e for e in run.log_events if e.kind == "no-loss"]
-    if not ev:
-        return
-    yield finding(
-        Severity.CRITICAL, "Training stopped: the model did not return a loss",
-        evidence=[_at(e) for e in ev[:2]],
+    yield from _from_log(
+        run, "no-loss", Severity.CRITICAL, "Training stopped: the model did not return a loss",
         explanation="HiggsAudioModel.forward returns logits and audio_logits but no loss; the Trainer's default "
                     "compute_loss needs outputs.loss and raises.",
         fix="Override compute_loss with the shifted dual loss (higgs_diag.losses.higgs_audio_loss) or use "
@@ -59,12 +62,9 @@ def resume_rng_unpickling(run, t):
     numpy globals it needs allowed (only for that file), or upgrade transformers; do not set
     `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` for the whole process.
     """
-    ev = [e for e in run.log_events if e.kind == "rng-unpickling"]
-    if not ev:
-        return
-    yield finding(
-        Severity.CRITICAL, "Resuming from a checkpoint failed: rng_state.pth is refused by torch's weights-only load",
-        evidence=[_at(e) for e in ev[:2]],
+    yield from _from_log(
+        run, "rng-unpickling", Severity.CRITICAL,
+        "Resuming from a checkpoint failed: rng_state.pth is refused by torch's weights-only load",
         explanation="transformers 4.46 loads rng_state.pth with torch.load, whose weights_only default (torch >= 2.6) "
                     "refuses the numpy objects in that file, so resume_from_checkpoint stops before training.",
         fix="Resume with higgs_diag.trainer.HiggsAudioTrainer (it allows exactly the numpy globals of the RNG state "
@@ -89,14 +89,10 @@ def newly_initialized_weights(run, t):
     Fix: build the model from the checkpoint's own config (`HiggsAudioConfig.from_pretrained(path)`),
     and check the listed weights: they should be empty for a fine-tune.
     """
-    ev = [e for e in run.log_events if e.kind == "newly-initialized"]
-    if not ev:
-        return
-    yield finding(
-        Severity.WARNING, "Some weights were newly initialised at load time",
-        evidence=[_at(e) for e in ev[:3]],
+    yield from _from_log(
+        run, "newly-initialized", Severity.WARNING, "Some weights were newly initialised at load time",
         explanation="The listed parameters were not in the checkpoint and start from random values.",
-        fix="Load with the checkpoint's own config and make sure the listed weights are expected to be new.")
+        fix="Load with the checkpoint's own config and make sure the listed weights are expected to be new.", limit=3)
 
 
 @check("HD004", "training-crashed", rank=60)
