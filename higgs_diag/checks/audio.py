@@ -121,7 +121,7 @@ def audio_loss_collapse(run, t):
                 continue
             ev.append(f"{m}: {fmt(start)} at step {steps[0]} -> min {fmt(lo)} at step {steps[lo_i]}, "
                       f"last {fmt(v[-1])} at step {steps[-1]}")
-            hits.append((m, sev, ev, span))
+            hits.append((m, sev, ev, span, lo))
         if not hits:
             continue
         sev = max(h[1] for h in hits)
@@ -138,7 +138,7 @@ def audio_loss_collapse(run, t):
         span = (min(h[3][0] for h in hits if h[3]), max(h[3][1] for h in hits if h[3]))
         yield finding(
             sev,
-            f"{'Eval audio' if fam == 'eval' else 'Audio'} loss collapsed to {fmt(min(run.series(h[0]).replace(0.0, np.nan).min() for h in hits))}: "
+            f"{'Eval audio' if fam == 'eval' else 'Audio'} loss collapsed ({lead[0]} down to {fmt(lead[4])}): "
             "the model is learning a trivial task (most often the unshifted audio loss)",
             evidence=evidence,
             explanation=(
