@@ -80,6 +80,21 @@ class Thresholds:
     lr_decay_expected_min: float = 0.1
     # resume-discontinuity: a step gap above this multiple of logging_steps counts as missing logs
     resume_gap_factor: float = 3.0
+    # ---- replay-batch (HD800-HD809) ----
+    # audio-over-masked: a batch whose share of -100 audio labels is above this is over-masked (warning;
+    # critical when no audio target is left)
+    replay_masked_share: float = 0.95
+    # a logged loss matches a recomputed one when their ratio is within this factor
+    replay_match_factor: float = 1.5
+    # the shifted and unshifted audio CE must differ by at least this factor before a logged loss can tell
+    # which of the two the trainer computed
+    replay_separation_factor: float = 2.0
+    # copy task: the argmax equals the current input token at this share of the scored positions or more ...
+    replay_copy_rate: float = 0.5
+    # ... and exceeds the data's own repeat rate (next target == current input) by at least this much
+    replay_copy_margin: float = 0.25
+    # the audio head learned nothing: shifted audio CE at or above this fraction of ln(codebook_size + 2)
+    replay_uniform_fraction: float = 0.9
 
     def replace(self, **changes: Any) -> "Thresholds":
         return dataclasses.replace(self, **changes)

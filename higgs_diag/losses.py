@@ -118,10 +118,12 @@ def _audio_losses(audio_logits, label_audio_ids, unshifted, ignore_index):
     counts = (labels != ignore_index).sum(0)  # [C]
     if labels.numel() == 0:
         return torch.full((n_cb,), float("nan"), device=audio_logits.device), counts
-    # CE over the class dim: input [N', V, C], target [N', C] -> per-position losses [N', C], 0 where ignored
+    # CE over the last (class) dim: [N' * C, V] rows against [N' * C] targets -> per-position losses [N', C],
+    # 0 where ignored (the same values as CE over the permuted [N', V, C] input, several times faster)
+    n_rows, v = logits.shape[0], logits.shape[-1]
     per_pos = F.cross_entropy(
-        logits.float().permute(0, 2, 1), labels, ignore_index=ignore_index, reduction="none"
-    )
+        logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(n_rows, n_cb)
     sums = per_pos.sum(0)
     safe = counts.clamp(min=1).to(sums.dtype)
     per_cb = torch.where(counts > 0, sums / safe, torch.full_like(sums, float("nan")))

@@ -42,7 +42,7 @@ class Check:
 
 REGISTRY: dict[str, Check] = {}
 _MODULES = ("inputs", "console", "evaluation", "audio", "numerics", "optimisation", "schedule", "config_checks",
-            "resume")
+            "resume", "replay")
 
 
 def check(code: str, category: str, *, rank: int = 50, scope: str = "generic",
@@ -88,10 +88,20 @@ def all_codes() -> dict[str, tuple[Check, str]]:
 
 
 def run_checks(run: Run, thresholds: Thresholds | None = None) -> list[Finding]:
+    """Every check on a run's logs (the ``replay`` scope is left to :func:`run_replay_checks`)."""
+    return _run([c for c in load_all().values() if c.scope != "replay"], run, thresholds)
+
+
+def run_replay_checks(evidence, thresholds: Thresholds | None = None) -> list[Finding]:
+    """The ``replay`` checks on what ``higgs-diag replay-batch`` measured (a ``ReplayEvidence``)."""
+    return _run([c for c in load_all().values() if c.scope == "replay"], evidence, thresholds)
+
+
+def _run(checks: list[Check], subject, thresholds: Thresholds | None) -> list[Finding]:
     t = thresholds or Thresholds()
     found: list[Finding] = []
-    for c in sorted(load_all().values(), key=lambda c: c.code):
-        for f in c.func(run, t) or ():
+    for c in sorted(checks, key=lambda c: c.code):
+        for f in c.func(subject, t) or ():
             if not f.code:
                 f.code = c.code
             if f.code != c.code and f.code not in c.also:
