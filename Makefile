@@ -34,6 +34,8 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_batch_validation.py
+	$(PY) benchmarks/bench_replay.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
