@@ -155,16 +155,7 @@ def load_batch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise BatchError(f"{p}: not a readable safetensors file ({_reason(e)})") from None
     else:
-        try:
-            data = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            text = str(e)
-            if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
-                raise BatchError(f"{p}: holds pickled Python objects, not only tensors; higgs-diag loads batches "
-                                 f"with weights_only=True and never unpickles code (save a dict of tensors)") from None
-            if isinstance(e, (zipfile.BadZipFile, EOFError, RuntimeError)) or "zip" in text.lower():
-                raise BatchError(f"{p}: truncated or not a torch.save file ({_reason(e)})") from None
-            raise BatchError(f"{p}: cannot be loaded ({_reason(e)})") from None
+        data = _torch_load_safely(p)
     if not isinstance(data, Mapping):
         raise BatchError(f"{p}: expected a dict of tensors with boson field names, got {type(data).__name__}")
     meta = data.get(META_KEY) if isinstance(data.get(META_KEY), Mapping) else {}
@@ -178,6 +169,30 @@ def load_batch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise BatchError(f"{p}: none of its tensors is named like a Higgs Audio batch field "
                          f"({', '.join(list(tensors)[:8])}); expected e.g. {', '.join(REQUIRED)}")
     return tensors, dict(meta)
+
+
+def _torch_load_safely(p: Path) -> Any:
+    """``torch.load(weights_only=True)`` for what looks like a torch.save file; anything else is refused by
+    its first bytes, before any unpickler sees it, with a message that says what the file is."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise BatchError(f"{p}: cannot be read ({e.strerror or e})") from None
+    is_zip = head == b"PK\x03\x04"  # torch.save's format since torch 1.6
+    if not is_zip and not head.startswith(b"\x80"):  # not a zip archive, not even a pickle (protocol >= 2)
+        raise BatchError(f"{p}: not a torch.save file (neither a zip archive nor a pickle; starts with {head!r}); "
+                         f"save batches with torch.save(dict_of_tensors) or as .safetensors")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "Unsupported global" in text or "Unsupported operand" in text:
+            raise BatchError(f"{p}: holds pickled Python objects, not only tensors; higgs-diag loads batches "
+                             f"with weights_only=True and never unpickles code (save a dict of tensors)") from None
+        if is_zip:
+            raise BatchError(f"{p}: truncated or damaged torch.save archive ({_reason(e)})") from None
+        raise BatchError(f"{p}: a pickle that is not a torch.save file of tensors; not loaded ({_reason(e)})") from None
 
 
 def _reason(e: Exception) -> str:

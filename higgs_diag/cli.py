@@ -101,8 +101,12 @@ def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, se
             ev = replay_run_evidence(run_dir, run, batches=list(batch_paths), checkpoint=checkpoint, base=base,
                                      thresholds=thresholds, progress=_progress())
         except ReplayError as e:
-            click.echo(f"higgs-diag: error: {e}", err=True)
-            sys.exit(2)
+            # the log findings stand on their own: report them, and say why the replay did not run
+            diag.summary["replay"] = {"error": str(e)}
+            _emit(diag, run, fmt, output, color)
+            click.echo(f"higgs-diag: {'error' if batch_paths or checkpoint else 'warning'}: replay skipped: {e}",
+                       err=True)
+            sys.exit(2 if batch_paths or checkpoint is not None else _exit_code(diag, fail_on))
         diag = merge(diag, ev, thresholds)
     _emit(diag, run, fmt, output, color)
     sys.exit(_exit_code(diag, fail_on))

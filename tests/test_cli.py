@@ -122,3 +122,43 @@ def test_analyze_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code, str(FAULTY)], capture_output=True, text=True,
                        env={**os.environ, "MPLBACKEND": "Agg"})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_nothing_usable_is_exit_2_even_with_a_log_and_checkpoint_folder(tmp_path):
+    """Garbage files, a log without any known message and an empty checkpoint folder: nothing a diagnosis can
+    use, so no 'healthy' verdict: one line naming what could not be read, exit 2."""
+    import os as _os
+
+    (tmp_path / "trainer_state.json").write_text("nonsense")
+    (tmp_path / "events.out.tfevents.1.host.1.0").write_bytes(_os.urandom(300))
+    (tmp_path / "foo.log").write_bytes(b"just some console noise\n" * 5)
+    (tmp_path / "checkpoint-5").mkdir()
+    r = runner().invoke(main, ["analyze", str(tmp_path)])
+    assert r.exit_code == 2, r.stdout
+    assert r.stderr.count("\n") == 1 and "trainer_state.json" in r.stderr
+
+
+def test_unreadable_data_file_is_a_warning_not_healthy(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(HEALTHY, run)
+    (run / "trainer_state.json").write_text('{"global_step": 3, "log_history": [')  # cut off before any entry
+    (run / "checkpoint-250" / "trainer_state.json").unlink()
+    r = runner().invoke(main, ["analyze", str(run), "--format", "json"])
+    doc = json.loads(r.stdout)
+    hd001 = [f for f in doc["findings"] if f["code"] == "HD001"]
+    assert hd001 and hd001[0]["severity"] == "warning" and r.exit_code == 1
+
+
+def test_analyze_replay_without_batches_still_reports_the_logs(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(FAULTY, run)
+    r = runner().invoke(main, ["analyze", str(run), "--replay", "--format", "json"])
+    doc = json.loads(r.stdout)
+    assert doc["findings"][0]["code"] == "HD101" and "error" in doc["summary"]["replay"]
+    assert "replay skipped" in r.stderr and r.exit_code == 1
+    r = runner().invoke(main, ["analyze", str(run), "--batches", str(tmp_path / "nope.pt"), "--format", "json"])
+    assert r.exit_code == 2 and json.loads(r.stdout)["findings"][0]["code"] == "HD101"

@@ -4,7 +4,9 @@ from __future__ import annotations
 from ..diagnosis import Severity
 from . import check, finding
 
-_SEVERITY = {"truncated": Severity.WARNING, "crc": Severity.WARNING}
+# Data that was there and could not be read is a warning (the diagnosis is missing part of the run); an LFS
+# pointer, an empty log_history or a file that is not a Trainer state is only information.
+_SEVERITY = {"truncated": Severity.WARNING, "crc": Severity.WARNING, "unreadable": Severity.WARNING}
 
 
 @check("HD001", "unreadable-input", rank=90)

@@ -178,7 +178,15 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
 
     run.scalars = _assemble(parts)
 
-    if not run.files_read and not run.checkpoints:
-        reasons = "; ".join(str(p) for p in run.problems) or "nothing readable"
+    if not _usable(run):
+        reasons = "; ".join(str(p) for p in run.problems) or f"{path}: nothing a diagnosis can use"
         raise RunReadError(reasons)
     return run
+
+
+def _usable(run: Run) -> bool:
+    """Whether anything a check can use was read: scalars, a Trainer state, the logged arguments, a console
+    message that matters, or a checkpoint left half-saved (the signature of the KeyError at save).
+    Files that were opened but held none of these (a log without any known message) do not count."""
+    half_saved = any(not c.has_trainer_state and (c.has_full_model or c.has_adapter) for c in run.checkpoints)
+    return bool(len(run.scalars) or run.states or run.args or run.model_config or run.log_events or half_saved)
