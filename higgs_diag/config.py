@@ -127,18 +127,24 @@ class Thresholds:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Thresholds":
+        """Thresholds from a JSON or TOML file; every error names the file (ValueError)."""
         p = Path(path)
-        text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".toml":
-            try:
-                import tomllib  # Python 3.11+
-            except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-                raise ValueError(f"{p}: TOML needs Python 3.11+; use a JSON file") from None
-
-            data = tomllib.loads(text)
-            data = data.get("thresholds", data)
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a table of threshold names")
-        return cls().with_overrides(data)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: cannot read the threshold file ({getattr(e, 'strerror', None) or e})") from None
+        try:
+            if p.suffix.lower() == ".toml":
+                try:
+                    import tomllib  # Python 3.11+
+                except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+                    raise ValueError("TOML needs Python 3.11+; use a JSON file") from None
+                data = tomllib.loads(text)
+                data = data.get("thresholds", data)
+            else:
+                data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("expected a table of threshold names")
+            return cls().with_overrides(data)
+        except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise ValueError(f"{p}: {e}") from None

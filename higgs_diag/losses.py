@@ -85,20 +85,30 @@ def uniform_reference(codebook_size_plus_2: int) -> float:
     return math.log(codebook_size_plus_2)
 
 
-def _text_loss(logits, labels, ignore_index):
-    if logits is None or labels is None or logits.shape[1] < 2:
-        return None, 0
+def scored_text_positions(logits: torch.Tensor, labels: torch.Tensor, *, unshifted: bool = False,
+                          ignore_index: int = IGNORE_INDEX):
+    """The text positions a loss scores, the one definition of which logit predicts which label: position t
+    predicts label t+1 (``unshifted=True``: label t, the bug). Returns (rows [n, V] of the scored logits,
+    targets [n], mask over ``labels[:, shift:]``). Only the scored rows are gathered."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(
             f"text logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}: pass the model's "
             "expanded_labels, not the collator's label_ids"
         )
-    targets = labels[:, 1:].reshape(-1)
-    n = int((targets != ignore_index).sum())
+    shift = 0 if unshifted else 1
+    lab = labels[:, shift:]
+    mask = lab != ignore_index
+    return logits[:, : logits.shape[1] - shift][mask], lab[mask], mask
+
+
+def _text_loss(logits, labels, ignore_index):
+    if logits is None or labels is None or logits.shape[1] < 2:
+        return None, 0
+    rows, targets, _ = scored_text_positions(logits, labels, ignore_index=ignore_index)
+    n = int(targets.numel())
     if n == 0:
         return None, 0
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, targets, ignore_index=ignore_index, reduction="sum") / n, n
+    return F.cross_entropy(rows.float(), targets, reduction="sum") / n, n
 
 
 def _audio_losses(audio_logits, label_audio_ids, unshifted, ignore_index):

@@ -229,3 +229,17 @@ def test_wrapper_state_dict_next_to_adapter_files_needs_no_base(tmp_path):
     assert src.kind == "wrapper-lora" and src.lora_alpha == 16 and src.base is None
     _, ref = load(src_dir)
     torch.testing.assert_close(audio_logits(model), audio_logits(ref))
+
+
+@pytest.mark.parametrize("scenario", ["healthy-lora", "healthy-wrapper"])
+def test_moved_run_finds_its_base_next_to_the_checkpoint(tmp_path, scenario):
+    """adapter_config.json records the base relative to where training ran; a copied run still finds it."""
+    import shutil
+
+    import higgs_diag
+
+    run = tmp_path / "elsewhere" / scenario
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "replay" / scenario, run)
+    ckpt = next(run.glob("checkpoint-*"))
+    diag = higgs_diag.replay(ckpt, [run / "higgs-diag" / "batches"])
+    assert diag.verdict == "healthy", [(f.code, f.title) for f in diag.findings]

@@ -25,7 +25,8 @@ def render() -> str:
            "| code | category | scope | summary |", "|---|---|---|---|"]
     codes = all_codes()
     for code, (c, cat) in codes.items():
-        out.append(f"| [{code}](#{code.lower()}) | `{cat}` | {c.scope} | {c.summary} |")
+        summary = c.summary if code == c.code else f"emitted by {c.code}: {c.summary}"
+        out.append(f"| [{code}](#{code.lower()}) | `{cat}` | {c.scope} | {summary} |")
     out.append("")
     seen = set()
     for code, (c, cat) in codes.items():
@@ -33,7 +34,8 @@ def render() -> str:
             continue
         seen.add(c.code)
         extra = "".join(f", {k} (`{v}`)" for k, v in c.also.items())
-        out += [f"## {c.code}", "", f"Category `{c.category}`{extra}; scope: {c.scope}.", "", _md(c.doc)]
+        anchors = "".join(f'<a id="{k.lower()}"></a>' for k in c.also)  # the table links every code
+        out += [f"## {c.code}", "", f"{anchors}Category `{c.category}`{extra}; scope: {c.scope}.", "", _md(c.doc)]
     out += ["## Thresholds", "", "Override with `--set NAME=VALUE` or `--config FILE` (JSON or TOML).", "",
             "| name | default |", "|---|---|"]
     for name in Thresholds.names():

@@ -47,7 +47,7 @@ def _read_json(p: Path, what: str) -> dict[str, Any]:
     except OSError as e:
         raise ReplayError(f"{p}: cannot be read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReplayError(f"{p}: not valid JSON ({str(e).splitlines()[0][:120]}); a {what} is a JSON object") from None
+        raise ReplayError(f"{p}: not valid JSON ({str(e).splitlines()[0][:120]}); expected a JSON object ({what})") from None
     if not isinstance(obj, dict):
         raise ReplayError(f"{p}: expected a JSON object ({what}), got {type(obj).__name__}")
     return obj
@@ -166,7 +166,12 @@ def _resolve_base(name: str | None, adapter_dir: Path, adapter_cfg: Path) -> Pat
         raise ReplayError(f"{adapter_cfg}: base_model_name_or_path is not set; pass --base PATH (a local folder "
                           f"with the base model's config.json and model.safetensors)")
     p = Path(os.path.expanduser(name))
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [a / p for a in adapter_dir.resolve().parents]
+    ancestors = [adapter_dir.resolve(), *adapter_dir.resolve().parents]
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p]
+    # The path was recorded relative to the training process's folder (or on another machine): after the run
+    # was moved or copied, its tail (e.g. "base" of "runs/exp1/base") is found next to the adapter's folders.
+    tails = [Path(*p.parts[i:]) for i in range(len(p.parts)) if not Path(*p.parts[i:]).is_absolute()]
+    candidates += [a / t for t in tails for a in ancestors]
     for c in candidates:
         if c.is_dir() and (c / "config.json").is_file():
             return c

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import FIELDS, IGNORE_INDEX
-from ..losses import dual_loss
+from ..losses import dual_loss, scored_text_positions
 from .errors import ReplayError
 from .evidence import ModelRecord
 
@@ -57,13 +57,11 @@ def forward(model, inputs: dict[str, torch.Tensor], device: torch.device, path: 
 
 
 def _text(rec: ModelRecord, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None) -> None:
-    nxt = labels[:, 1:]
-    valid = nxt != IGNORE_INDEX
-    n = int(valid.sum())
+    rows, y, valid = scored_text_positions(logits, labels)
+    n = int(y.numel())
     rec.n_text = n
     if n:
-        rows = logits[:, :-1][valid].float()
-        y = nxt[valid]
+        rows = rows.float()
         rec.text_ce_sum = float(F.cross_entropy(rows, y, reduction="sum"))
         pred = rows.argmax(-1)
         rec.text_correct = int((pred == y).sum())
@@ -71,10 +69,10 @@ def _text(rec: ModelRecord, logits: torch.Tensor, labels: torch.Tensor, ids: tor
             cur = ids[:, :-1][valid]
             rec.text_copy = int((pred == cur).sum())
             rec.text_repeat = int((y == cur).sum())
-    valid_u = labels != IGNORE_INDEX
-    rec.n_text_unshifted = int(valid_u.sum())
+    rows_u, y_u, _ = scored_text_positions(logits, labels, unshifted=True)
+    rec.n_text_unshifted = int(y_u.numel())
     if rec.n_text_unshifted:
-        rec.text_ce_unshifted_sum = float(F.cross_entropy(logits[valid_u].float(), labels[valid_u], reduction="sum"))
+        rec.text_ce_unshifted_sum = float(F.cross_entropy(rows_u.float(), y_u, reduction="sum"))
 
 
 def _audio(rec: ModelRecord, al: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor | None) -> None:
