@@ -6,11 +6,11 @@ import json
 import os
 from pathlib import Path
 
-from click.testing import CliRunner
 
 from higgs_diag.checks import all_codes
 from higgs_diag.checks.docgen import render as render_docs
 from higgs_diag.cli import main
+from _cli_util import runner  # tests/_cli_util.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "fixtures" / "runs"
@@ -18,11 +18,6 @@ FAULTY = RUNS / "eval-loss-missing"
 HEALTHY = RUNS / "healthy"
 
 
-def runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always separates stderr
-        return CliRunner()
 
 
 def tree_digest(path: Path) -> str:

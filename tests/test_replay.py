@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import higgs_diag
 from higgs_diag.cli import main
+from _cli_util import runner  # tests/_cli_util.py
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLAY = ROOT / "fixtures" / "replay"
@@ -29,11 +29,6 @@ def dumps(scenario: str) -> Path:
     return REPLAY / scenario / "higgs-diag" / "batches"
 
 
-def runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2
-        return CliRunner()
 
 
 def tree_digest(path: Path) -> str:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from higgs_diag.batch import load_batch, save_batch
 from higgs_diag.cli import main
+from _cli_util import runner  # tests/_cli_util.py
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLAY = ROOT / "fixtures" / "replay"
@@ -26,11 +26,6 @@ class Evil:
         return (Path.touch, (MARKER,))
 
 
-def runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2
-        return CliRunner()
 
 
 def good():
