@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_train.py OUT_DIR
 
+The audio-loss monitor runs with thresholds above any real loss, so it dumps a batch at step 1 (rank 0 only).
 Each rank writes what it logged (``OUT_DIR/rank{r}.json``) and its first training batch
 (``OUT_DIR/batch-rank{r}.pt``), so the test can check that every rank logged the same, token-weighted numbers.
 """
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from higgs_diag.batch import save_batch  # noqa: E402
-from higgs_diag.trainer import HiggsAudioTrainer  # noqa: E402
+from higgs_diag.trainer import AudioLossMonitor, HiggsAudioTrainer  # noqa: E402
 
 
 class KeepFirstBatch(TrainerCallback):
@@ -38,8 +39,11 @@ def main(out: str) -> None:
                  warmup_steps=2, eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3,
                  report_to=["tensorboard"], logging_dir=str(Path(out) / "tb"), ddp_backend="gloo")
     keep = KeepFirstBatch()
+    # thresholds far above any real loss: the monitor's first alert is critical at step 1, so every rank
+    # reaches the batch dump and only rank 0 may write it
+    monitor = AudioLossMonitor(warning=100.0, critical=50.0, window=2)
     trainer = HiggsAudioTrainer(model=M.tiny_model(), args=args, train_dataset=train, eval_dataset=evald,
-                                data_collator=M.collate, callbacks=[keep])
+                                data_collator=M.collate, callbacks=[keep], audio_monitor=monitor)
     keep.trainer = trainer
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))

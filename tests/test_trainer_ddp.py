@@ -67,6 +67,16 @@ def test_rank_zero_writes_one_trainer_state_and_per_rank_rng_files(ddp_run):
     assert {"audio_loss", "eval_audio_loss", "eval_loss", "n_audio_targets"} <= set(run.metrics)
 
 
+def test_only_rank_zero_writes_the_monitor_dump(ddp_run):
+    out, _ranks = ddp_run
+    dumps = sorted((out / "higgs-diag" / "batches").glob("*.pt"))
+    assert [p.name for p in dumps] == ["step-000001.pt"]
+    tensors, meta = load_batch(dumps[0])
+    assert meta["step"] == 1 and "label_audio_ids" in tensors
+    rank0 = load_batch(out / "batch-rank0.pt")[0]  # the dump is rank 0's batch, not rank 1's (which differs)
+    assert torch.equal(tensors["input_ids"], rank0["input_ids"])
+
+
 def test_step_one_losses_are_token_weighted_over_both_ranks(ddp_run):
     """Step 1's logged components equal the loss of one batch holding both ranks' batches (same initial weights)."""
     out, ranks = ddp_run
