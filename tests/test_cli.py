@@ -1,7 +1,6 @@
 """The CLI contract: formats, exit codes, one-line errors, read-only run directories, generated docs."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from higgs_diag.checks import all_codes
 from higgs_diag.checks.docgen import render as render_docs
 from higgs_diag.cli import main
-from _cli_util import runner  # tests/_cli_util.py
+from _cli_util import runner, tree_digest  # tests/_cli_util.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "fixtures" / "runs"
@@ -19,15 +18,6 @@ HEALTHY = RUNS / "healthy"
 
 
 
-
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-            h.update(str(p.stat().st_mtime_ns).encode())
-    return h.hexdigest()
 
 
 def test_json_on_stdout_only_and_exit_code_1_on_critical():

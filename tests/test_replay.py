@@ -2,7 +2,6 @@
 every scenario comes first, none on the healthy runs; the CLI, `analyze --replay` and the library agree."""
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 
 import higgs_diag
 from higgs_diag.cli import main
-from _cli_util import runner  # tests/_cli_util.py
+from _cli_util import runner, tree_digest  # tests/_cli_util.py
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLAY = ROOT / "fixtures" / "replay"
@@ -30,15 +29,6 @@ def dumps(scenario: str) -> Path:
 
 
 
-
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-            h.update(str(p.stat().st_mtime_ns).encode())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("scenario", sorted(CAUSES))
