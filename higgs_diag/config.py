@@ -35,8 +35,9 @@ class Thresholds:
     overfit_rise_fraction: float = 0.05
     # suspicious constants a fallback writes instead of a real loss
     suspicious_constants: tuple = (0.0, 0.001)
-    # recommended learning-rate range for Higgs Audio fine-tuning (seed 000)
-    lr_recommended_min: float = 5e-6
+    # recommended learning-rate range for Higgs Audio fine-tuning when the language is unknown: the union of
+    # seed 000's ranges (5e-5..1e-4 for zero-shot voice cloning, 1e-5..3e-5 for Arabic)
+    lr_recommended_min: float = 1e-5
     lr_recommended_max: float = 1e-4
     # ---- numerics / optimisation / schedule / resume checks (HD301-HD501, HD701) ----
     # fewest logged points a trend rule (flat loss, divergence, spikes) needs before it says anything
