@@ -35,6 +35,7 @@ def test_nan_infinity_literals_and_strings_are_kept(tmp_path):
     assert [v for s, m, v in got if m == "grad_norm"] == [math.inf, -math.inf]
     assert [v for s, m, v in got if m == "learning_rate"] == [1e-5, 2e-5]  # string and `lr` alias
     assert res.non_numeric == 1  # "oops" is not a number and is not invented into one
+    assert [p.kind for p in res.problems] == ["non-numeric"]  # ... and it is said, not dropped silently
     assert res.info.global_step == 3
 
 
@@ -47,7 +48,8 @@ def test_entries_without_step_and_several_eval_sets(tmp_path):
     assert res.info.entries_without_step == 1
     metrics = list(res.metrics)
     assert ("predict_loss" in metrics) and res.steps[metrics.index("predict_loss")] == 5
-    assert len(res.info.eval_entry_keys[5]) == 2
+    at5 = {m for s, m in zip(res.steps, res.metrics) if s == 5}
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_runtime", "eval_b_runtime"} <= at5  # both eval sets kept
 
 
 def test_lfs_pointer_and_non_state_and_empty(tmp_path):

@@ -31,12 +31,6 @@ def steps_text(first: int, last: int) -> str:
     return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
-def step_span(s: pd.Series) -> tuple[int, int] | None:
-    if s.empty:
-        return None
-    return int(s.index[0]), int(s.index[-1])
-
-
 def finite(s: pd.Series) -> pd.Series:
     return s[np.isfinite(s.to_numpy(dtype="float64"))]
 

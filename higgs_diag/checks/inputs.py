@@ -46,6 +46,7 @@ _FIX = {
                  "still writing, analyze again when it has flushed.",
     "crc": "The record was skipped. A CRC error in the middle of a file means the copy is corrupt: copy it again.",
     "not-trainer-state": "This is not a file the HF Trainer wrote; point higgs-diag at the run's output_dir.",
+    "non-numeric": "Nothing to do: these values cannot be plotted or checked; the numbers around them were used.",
     "empty": "Nothing was logged yet; analyze the run after it has logged (logging_steps) at least once.",
 }
 

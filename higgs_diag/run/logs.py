@@ -15,7 +15,6 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
     ("newly-initialized", re.compile(r"newly initialized|were not initialized from the model checkpoint")),
     ("rng-unpickling", re.compile(r"Weights only load failed")),
     ("training-completed", re.compile(r"^Training completed\.")),
-    ("empty-audio-logits", re.compile(r"audio_logits.*(?:\[0,|torch\.Size\(\[0,)|empty audio logits", re.I)),
 ]
 TRACEBACK_START = "Traceback (most recent call last):"
 # the exception line that ends a traceback: "ValueError: ...", "torch.OutOfMemoryError: ...", "KeyboardInterrupt"

@@ -64,9 +64,6 @@ class TrainerStateInfo:
     n_entries: int = 0
     entries_without_step: int = 0
     is_hyper_param_search: bool | None = None
-    # The raw eval entries grouped by step: {step: [entry, ...]}, kept for the checks that need to know
-    # which keys an evaluation logged (eval_runtime without eval_loss).
-    eval_entry_keys: dict[int, list[list[str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -202,5 +199,3 @@ class Run:
     def n_points(self) -> int:
         return int(len(self.scalars))
 
-    def is_finite(self, metric: str) -> np.ndarray:
-        return np.isfinite(self.series(metric).to_numpy())

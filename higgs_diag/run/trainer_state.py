@@ -111,6 +111,10 @@ def read_trainer_state(path: str | Path) -> StateResult:
                                         kind="empty"))
     _flatten(history, res)
     info.n_entries = len(history)
+    if res.non_numeric:  # nothing readable is dropped silently: say what was left out of the scalars
+        res.problems.append(ReadProblem(
+            name, f"{res.non_numeric} log_history value(s) are neither numbers nor numeric strings (text, lists, "
+                  f"null or nested objects) and are not scalar points", kind="non-numeric"))
     return res
 
 
@@ -176,10 +180,6 @@ def _flatten(history: list, res: StateResult) -> None:
         names = np.array([KEY_ALIASES.get(k, k) for k in keys], dtype=object)
         metric_parts.append(np.broadcast_to(names, block.shape)[present])
         value_parts.append(block[present])
-        eval_keys = [KEY_ALIASES.get(k, k) for k in keys if KEY_ALIASES.get(k, k).startswith("eval_")]
-        if eval_keys:
-            for i in idx:
-                info.eval_entry_keys.setdefault(entry_steps[i], []).append(list(eval_keys))
     if not order_parts:
         return
     order = np.concatenate(order_parts)
