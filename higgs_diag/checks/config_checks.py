@@ -25,6 +25,19 @@ RECOMMENDED = {
 _ARABIC = {"ar", "ara", "arabic"}
 
 
+def best_metric_name(args: dict | None) -> str | None:
+    """The metric the Trainer compares for the best checkpoint, named as in the eval metrics (HF's rule:
+    ``load_best_model_at_end`` without ``metric_for_best_model`` means ``loss``; an ``eval_`` prefix is added)."""
+    if not args:
+        return None
+    m = args.get("metric_for_best_model")
+    if m is None and args.get("load_best_model_at_end"):
+        m = "loss"
+    if not m:
+        return None
+    return str(m) if str(m).startswith("eval_") else f"eval_{m}"
+
+
 def _strategy(args: dict, name: str) -> str:
     v = args.get(name)
     if v is None and name == "eval_strategy":
@@ -95,7 +108,7 @@ def validate_args(args: dict, *, at_startup: bool = False, produced_metrics: Ite
                     f"loss is kept as the best model",
                     "Set greater_is_better=False (or leave it unset: HF infers False for a metric ending in 'loss')."))
     if best and produced_metrics is not None:
-        name = str(best) if str(best).startswith("eval_") else f"eval_{best}"
+        name = best_metric_name({"metric_for_best_model": best})
         produced = sorted(set(produced_metrics))
         if name not in produced:
             out.append(("HD601", Severity.CRITICAL,

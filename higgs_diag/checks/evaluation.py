@@ -8,6 +8,7 @@ import numpy as np
 from ..diagnosis import Severity
 from . import causes, check, finding
 from ._util import fmt, is_higgs_run, steps_text
+from .config_checks import best_metric_name as resolve_best_metric
 
 EVAL_LOSS_RE = re.compile(r"^eval_(?:.+_)?loss$")
 EVAL_RUNTIME_RE = re.compile(r"^eval_(?:.+_)?runtime$")
@@ -33,14 +34,7 @@ def label_names_fix(run) -> str:
 
 def best_metric_name(run) -> str | None:
     """The metric the Trainer compares for the best checkpoint, as it names it in the eval metrics."""
-    if not run.args:
-        return None
-    m = run.args.get("metric_for_best_model")
-    if m is None and run.args.get("load_best_model_at_end"):
-        m = "loss"
-    if not m:
-        return None
-    return m if m.startswith("eval_") else f"eval_{m}"
+    return resolve_best_metric(run.args)
 
 
 def evaluations(run) -> dict[int, set[str]]:

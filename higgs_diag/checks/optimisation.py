@@ -16,6 +16,7 @@ from ..diagnosis import Finding, Severity
 from ..run.model import Run
 from . import causes, check, finding
 from ._util import fmt, finite, loss_not_cross_entropy, smoothing_window
+from .config_checks import best_metric_name
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -510,12 +511,11 @@ _LOWER_IS_BETTER = re.compile(r"loss|wer|cer|err|perplexity|ppl|mse|mae|rmse|dis
 
 def _best_metric_name(run: Run) -> tuple[str | None, str]:
     """(metric_for_best_model as a logged eval_* name, how it was learned)."""
-    m = run.arg("metric_for_best_model")
-    if isinstance(m, str) and m:
-        name = m if m.startswith("eval_") else f"eval_{m}"
-        return name, f"TrainingArguments.metric_for_best_model = {m!r}"
-    if run.arg("load_best_model_at_end") is True:
-        return "eval_loss", "load_best_model_at_end=True without metric_for_best_model (defaults to loss)"
+    name = best_metric_name(run.args)
+    if name:
+        m = run.arg("metric_for_best_model")
+        return name, (f"TrainingArguments.metric_for_best_model = {m!r}" if m else
+                      "load_best_model_at_end=True without metric_for_best_model (defaults to loss)")
     st = run.state
     bm = st.best_metric if st else None
     if isinstance(bm, bool) or not isinstance(bm, (int, float)) or not math.isfinite(bm):

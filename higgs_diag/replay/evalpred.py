@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..checks.config_checks import best_metric_name
 from .evidence import EvalPrediction
 
 HIGGS_LABELS = ["label_ids", "label_audio_ids"]
@@ -33,17 +34,6 @@ DEFAULT_LABEL_NAMES: dict[str, list[str]] = {
 PASSES_LABELS = {"PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
                  "PeftModelForTokenClassification"}
 LABEL_FIX = 'label_names=["label_ids", "label_audio_ids"]'
-
-
-def best_metric(args: dict[str, Any] | None) -> str | None:
-    if not args:
-        return None
-    m = args.get("metric_for_best_model")
-    if m is None and args.get("load_best_model_at_end"):
-        m = "loss"
-    if not m:
-        return None
-    return m if str(m).startswith("eval_") else f"eval_{m}"
 
 
 def predict_eval_loss(args: dict[str, Any] | None, model_class: str, batch_keys: list[str],
@@ -75,7 +65,7 @@ def predict_eval_loss(args: dict[str, Any] | None, model_class: str, batch_keys:
                   f"calls model(**inputs), and {model_class}.forward passes labels= to the base model)")
     strategy = (args or {}).get("eval_strategy", (args or {}).get("evaluation_strategy"))
     configured = None if args is None else str(strategy).lower() not in ("no", "intervalstrategy.no", "none")
-    best = best_metric(args)
+    best = best_metric_name(args)
     pred = EvalPrediction(produced=None if raises else computes, model_class=model_class, label_names=label_names,
                           label_names_from=source, batch_keys=keys, has_labels=has_labels,
                           loss_without_labels=loss_without_labels, missing_keys=missing, raises=raises,
