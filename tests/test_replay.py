@@ -180,3 +180,49 @@ def test_nan_weights_are_named(tmp_path):
     save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
     diag = higgs_diag.replay(ck, [dumps("healthy") / "step-000200.pt"])
     assert diag.findings[0].code == "HD807" and "NaN/Inf" in diag.findings[0].title
+
+
+# ---- the remaining replay checks, each on batches a real (buggy) collator or trainer produced -------------
+sys.path.insert(0, str(ROOT / "fixtures"))
+import make_runs as M  # noqa: E402
+
+from higgs_diag.batch import save_batch  # noqa: E402
+
+
+def _dump(tmp_path, name, batch, meta=None):
+    return save_batch(tmp_path / name, batch, meta)
+
+
+def test_delay_pattern_mismatch_hd806(tmp_path):
+    """A collator built with use_delay_pattern=False for a model configured with the delay pattern."""
+    p = _dump(tmp_path, "b.pt", M.collate(M.make_samples(4, 3), use_delay_pattern=False))
+    diag = higgs_diag.replay(ckpt("healthy"), [p], no_model=True)
+    assert [f.code for f in diag.findings if f.severity.name != "INFO"][:1] == ["HD806"]
+    assert not higgs_diag.replay(ckpt("healthy"), [dumps("healthy")], no_model=True).by_code("HD806")
+
+
+def test_unmasked_segment_bos_hd809(tmp_path):
+    """A collator that trains the stream BOS: labels [BOS, codes, EOS] instead of [-100, codes, EOS]."""
+    b = M.collate(M.make_samples(4, 3))
+    b["label_audio_ids"][:, b["audio_out_ids_start"]] = M.STREAM_BOS  # what that collator writes
+    diag = higgs_diag.replay(ckpt("healthy"), [_dump(tmp_path, "b.pt", b)], no_model=True)
+    hd809 = diag.by_code("HD809")
+    assert hd809 and hd809[0].severity.name == "WARNING"
+    assert not higgs_diag.replay(ckpt("healthy"), [dumps("healthy")], no_model=True).by_code("HD809")
+
+
+def test_logged_loss_of_another_formula_hd808(tmp_path):
+    """A trainer that sums the per-codebook audio losses instead of averaging them: its logged audio_loss
+    (computed here with that formula on the checkpoint's own numbers) matches neither replayed loss."""
+    from higgs_diag.batch import load_batch
+
+    batch_file = dumps("healthy") / "step-000200.pt"
+    ev = higgs_diag.replay.replay_evidence(ckpt("healthy"), [batch_file])
+    per_cb = ev.batches[0].model.audio_ce_per_cb
+    tensors, meta = load_batch(batch_file)
+    summed = float(sum(per_cb))
+    p = _dump(tmp_path, "step-000200.pt", tensors, {"step": 200, "losses": {"audio_loss": summed}})
+    diag = higgs_diag.replay(ckpt("healthy"), [p])
+    hd808 = diag.by_code("HD808")
+    assert hd808 and f"{summed:.4g}"[:4] in hd808[0].evidence[0]
+    assert not higgs_diag.replay(ckpt("healthy"), [batch_file]).by_code("HD808")
