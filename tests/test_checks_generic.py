@@ -1,4 +1,4 @@
-"""The generic checks (numerics HD301/HD302, optimisation HD401-HD405, schedule HD501, resume HD701):
+"""The generic checks (numerics HD301/HD302, optimisation HD401-HD405, schedule HD501-HD508, resume HD701):
 logic on small hand-built runs, calibration on the real corpus, and the fixture training runs."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import higgs_diag
 from higgs_diag.checks import REGISTRY, load_all, run_checks
 from higgs_diag.checks._util import is_higgs_run, loss_not_cross_entropy
-from higgs_diag.config import Thresholds
+from higgs_diag.config import Selection, Thresholds
 from higgs_diag.diagnosis import Severity
 from higgs_diag.run.discover import RunReadError
 from higgs_diag.run.model import Run, SCALAR_COLUMNS, TrainerStateInfo
@@ -22,7 +22,8 @@ from higgs_diag.run.model import Run, SCALAR_COLUMNS, TrainerStateInfo
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus" / "trainer_state"
 RUNS = ROOT / "fixtures" / "runs"
-MY_CODES = ("HD301", "HD302", "HD401", "HD402", "HD403", "HD404", "HD405", "HD501", "HD701")
+MY_CODES = ("HD301", "HD302", "HD401", "HD402", "HD403", "HD404", "HD405", "HD501", "HD502", "HD503", "HD504", "HD505",
+            "HD506", "HD507", "HD701")
 T = Thresholds()
 
 load_all()
@@ -521,11 +522,41 @@ def test_falling_eval_loss_is_not_overfitting(tmp_path):
     assert check("HD405", make_run(tmp_path, _overfit_history([1.5, 1.2, 1.0, 0.9, 0.85]))) == []
 
 
-# ---- HD501 lr-schedule ---------------------------------------------------------------------------------
+# ---- HD501-HD508 lr-schedule ----------------------------------------------------------------------------
+
+SCHEDULE_CODES = ("HD501", "HD502", "HD503", "HD504", "HD505", "HD506", "HD507", "HD508")
+
 
 def _lin(steps, peak=2e-4, warmup=10, total=None):
     total = total or steps[-1]
     return [peak * s / warmup if s < warmup else peak * max(0.0, (total - s) / (total - warmup)) for s in steps]
+
+
+def _rule_findings(code, run):
+    """One rule's findings as a report shows them: through the registry (code, explanation and fix filled in)."""
+    return run_checks(run, T, Selection(select=(code,)))
+
+
+def _one_finding(code, run):
+    fs = _rule_findings(code, run)
+    assert len(fs) == 1, [(f.severity, f.title) for f in fs]
+    f = fs[0]
+    assert f.code == code and f.title and f.evidence and f.explanation and f.fix
+    return f
+
+
+def _schedule_findings(run):
+    """Every lr-schedule rule's findings on ``run``, through the registry."""
+    return run_checks(run, T, Selection(select=SCHEDULE_CODES))
+
+
+def _only(code, run):
+    """The one finding of the schedule rules on ``run``, which must be of ``code``."""
+    fs = _schedule_findings(run)
+    assert [f.code for f in fs] == [code], [(f.code, f.title) for f in fs]
+    f = fs[0]
+    assert f.title and f.evidence and f.explanation and f.fix
+    return f
 
 
 def test_linear_schedule_with_final_zero_is_quiet(tmp_path):
@@ -534,56 +565,87 @@ def test_linear_schedule_with_final_zero_is_quiet(tmp_path):
             "logging_steps": 1}
     run = make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=_lin(steps)), args=args)
     assert _lin(steps)[-1] == 0.0
-    assert check("HD501", run) == []
+    assert _schedule_findings(run) == []
 
 
 def test_single_first_zero_is_quiet(tmp_path):
     steps = list(range(1, 101))
     lr = [0.0] + [2e-4] * 99
-    assert check("HD501", make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr))) == []
+    assert _schedule_findings(make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr))) == []
 
 
 def test_lr_stuck_at_zero_before_the_end_is_warning(tmp_path):
     steps = list(range(1, 101))
     lr = _lin(steps, total=60)[:60] + [0.0] * 40
-    f = one("HD501", make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr)))
+    f = _only("HD501", make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr)))
     assert f.severity == Severity.WARNING
     assert f.steps == (60, 100)
     assert "num_training_steps" in f.fix
+    assert any("the last 40% of the logged run" in e for e in f.evidence)
 
 
 def test_lr_zero_everywhere_is_critical(tmp_path):
     steps = list(range(1, 21))
-    f = one("HD501", make_run(tmp_path, history(steps, loss=decaying(20), learning_rate=[0.0] * 20)))
+    f = _only("HD501", make_run(tmp_path, history(steps, loss=decaying(20), learning_rate=[0.0] * 20)))
+    assert f.severity == Severity.CRITICAL and f.steps == (1, 20)
+    # with a decaying scheduler configured, a rate of 0 throughout is not also "no decay" or a peak mismatch
+    args = {"learning_rate": 2e-4, "warmup_steps": 5, "lr_scheduler_type": "cosine", "max_steps": 20}
+    f = _only("HD501", make_run(tmp_path, history(steps, loss=decaying(20), learning_rate=[0.0] * 20), args=args,
+                                name="b.json"))
     assert f.severity == Severity.CRITICAL
+
+
+def test_leading_zeros_are_info(tmp_path):
+    steps = list(range(1, 101))
+    lr = [0.0] * 6 + [2e-4] * 94
+    f = _only("HD502", make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr)))
+    assert f.severity == Severity.INFO and f.steps == (1, 6) and "first 6 logged steps" in f.title
+    # below lr_zero_min_points (3): quiet
+    lr = [0.0] * 2 + [2e-4] * 98
+    assert _rule_findings("HD502", make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr), name="b.json")) == []
 
 
 def test_warmup_longer_than_the_run(tmp_path):
     steps = list(range(1, 151))
     lr = [2e-3 * s / 1000 for s in steps]
     args = {"learning_rate": 2e-3, "warmup_steps": 1000, "lr_scheduler_type": "linear", "max_steps": 150}
-    f = one("HD501", make_run(tmp_path, history(steps, loss=decaying(150), learning_rate=lr), args=args))
+    f = _only("HD503", make_run(tmp_path, history(steps, loss=decaying(150), learning_rate=lr), args=args))
     assert f.severity == Severity.WARNING and "never reached" in f.title
+    assert "warmup_steps=7" in f.fix  # the evidence-specific detail after the rule's fix
     # without the args: an lr still rising at the last step of a finished run
-    f = one("HD501", make_run(tmp_path, history(steps, loss=decaying(150), learning_rate=lr), name="b.json"))
+    f = _only("HD504", make_run(tmp_path, history(steps, loss=decaying(150), learning_rate=lr), name="b.json"))
     assert f.severity == Severity.WARNING and "rises until the last step" in f.title
+    # the same rate in a run that has not reached max_steps yet is still warming up
+    assert _rule_findings("HD504", make_run(tmp_path, history(steps, loss=decaying(150), learning_rate=lr), name="c.json",
+                                   max_steps=1000)) == []
+
+
+def test_warmup_as_long_as_the_run_from_warmup_ratio(tmp_path):
+    steps = list(range(1, 101))
+    lr = [1e-4 * s / 100 for s in steps]
+    args = {"learning_rate": 1e-4, "warmup_ratio": 1.0, "lr_scheduler_type": "linear", "max_steps": 100}
+    f = _one_finding("HD503", make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr), args=args))
+    assert any("warmup_ratio=1 x max_steps 100" in e for e in f.evidence)
+    args["warmup_ratio"] = 0.1
+    assert _rule_findings("HD503", make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr), args=args,
+                                   name="b.json")) == []
 
 
 def test_constant_with_warmup_is_not_rising_to_the_end(tmp_path):
     steps = list(range(1, 129))
     lr = [1e-5] + [2e-5] * 127
-    assert check("HD501", make_run(tmp_path, history(steps, loss=decaying(128), learning_rate=lr))) == []
+    assert _schedule_findings(make_run(tmp_path, history(steps, loss=decaying(128), learning_rate=lr))) == []
 
 
 def test_no_decay_under_a_decaying_scheduler(tmp_path):
     steps = list(range(1, 201))
     lr = [2e-4 * min(1, s / 10) for s in steps]
     args = {"learning_rate": 2e-4, "warmup_steps": 10, "lr_scheduler_type": "cosine", "max_steps": 200}
-    f = one("HD501", make_run(tmp_path, history(steps, loss=decaying(200), learning_rate=lr), args=args))
+    f = _only("HD507", make_run(tmp_path, history(steps, loss=decaying(200), learning_rate=lr), args=args))
     assert f.severity == Severity.WARNING and "No decay" in f.title
     args["lr_scheduler_type"] = "constant_with_warmup"
-    assert check("HD501", make_run(tmp_path, history(steps, loss=decaying(200), learning_rate=lr), args=args,
-                                   name="b.json")) == []
+    assert _schedule_findings(make_run(tmp_path, history(steps, loss=decaying(200), learning_rate=lr), args=args,
+                                       name="b.json")) == []
 
 
 def test_peak_step_and_value_differ_from_the_config(tmp_path):
@@ -591,10 +653,16 @@ def test_peak_step_and_value_differ_from_the_config(tmp_path):
     lr = _lin(steps, peak=1e-4, warmup=50, total=200)
     args = {"learning_rate": 2e-4, "warmup_steps": 10, "lr_scheduler_type": "linear", "max_steps": 200,
             "logging_steps": 1}
-    fs = check("HD501", make_run(tmp_path, history(steps, loss=decaying(200), learning_rate=lr), args=args))
-    titles = " | ".join(f.title for f in fs)
-    assert all(f.severity == Severity.INFO for f in fs)
-    assert "peaks at step 50" in titles and "differs from TrainingArguments.learning_rate" in titles
+    fs = {f.code: f for f in _schedule_findings(
+        make_run(tmp_path, history(steps, loss=decaying(200), learning_rate=lr), args=args))}
+    assert set(fs) == {"HD505", "HD506"}
+    assert all(f.severity == Severity.INFO for f in fs.values())
+    assert "peaks at step 50" in fs["HD505"].title and fs["HD505"].steps == (1, 50)
+    assert "differs from TrainingArguments.learning_rate" in fs["HD506"].title
+    # the configured warmup and rate: both quiet
+    args.update(learning_rate=1e-4, warmup_steps=50)
+    assert _schedule_findings(make_run(tmp_path, history(steps, loss=decaying(200), learning_rate=lr), args=args,
+                                       name="b.json")) == []
 
 
 def test_lr_recommendation_only_for_higgs_runs(tmp_path):
@@ -602,16 +670,126 @@ def test_lr_recommendation_only_for_higgs_runs(tmp_path):
     lr = _lin(steps, peak=2e-3)
     plain = make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr))
     assert not is_higgs_run(plain)
-    assert check("HD501", plain) == []
+    assert _schedule_findings(plain) == []
     higgs = make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=lr), name="b.json",
                      model_config={"model_type": "higgs_audio", "audio_num_codebooks": 8})
     assert is_higgs_run(higgs)
-    f = one("HD501", higgs)
-    assert f.severity == Severity.INFO and "Higgs" in f.title
+    f = _only("HD508", higgs)
+    assert f.severity == Severity.INFO and "Higgs" in f.title and REGISTRY["HD508"].scope == "higgs"
     ok = make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=_lin(steps, peak=5e-5),
                                     audio_loss=decaying(100, 7.0, 4.0)), name="c.json")
     assert is_higgs_run(ok)  # by the logged audio loss
-    assert check("HD501", ok) == []
+    assert _schedule_findings(ok) == []
+
+
+def test_schedule_is_read_once_per_run(tmp_path, monkeypatch):
+    """The rules share one reading of the run (schedule.schedule's cache); a changed run is read again."""
+    from higgs_diag.checks import schedule as sched
+
+    calls = []
+    real = sched._read_schedule
+    monkeypatch.setattr(sched, "_read_schedule", lambda run, t: calls.append(run) or real(run, t))
+    steps = list(range(1, 101))
+    args = {"learning_rate": 2e-4, "warmup_steps": 10, "lr_scheduler_type": "linear", "max_steps": 100}
+    run = make_run(tmp_path, history(steps, loss=decaying(100), learning_rate=_lin(steps)), args=args)
+    _schedule_findings(run)
+    assert len(calls) == 1
+    run.args = dict(args, warmup_steps=1000)
+    assert "HD503" in {f.code for f in _schedule_findings(run)} and len(calls) == 2
+
+
+def test_schedule_rules_are_quiet_on_the_healthy_fixture():
+    found = _schedule_findings(_fixture("healthy"))
+    # the tiny fixture model trains at 2e-3 on purpose: only the Higgs range information
+    assert [(f.code, f.severity) for f in found] == [("HD508", Severity.INFO)]
+
+
+# ---- HD005-HD009, HD105, HD106: conditions split out of HD001, HD004, HD102 -------------------------------
+
+def _run_dir(tmp_path, log=None, checkpoints=(), **state_files):
+    """A run folder read by the real loader: a healthy trainer_state.json, optionally a train.log,
+    checkpoint folders ``{name: [files]}`` (empty files) and extra ``{relative path: text}`` state files."""
+    root = tmp_path / "run"
+    root.mkdir(parents=True)
+    steps = list(range(1, 31))
+    (root / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 30, "max_steps": 30, "logging_steps": 1,
+         "log_history": history(steps, loss=decaying(30), learning_rate=[5e-5] * 30)}))
+    if log is not None:
+        (root / "train.log").write_text(log)
+    for name, files in dict(checkpoints).items():
+        (root / name).mkdir()
+        for f in files:
+            (root / name / f).write_text("{}" if f.endswith(".json") else "")
+    for rel, text in state_files.items():
+        (root / rel.replace("__", "/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel.replace("__", "/")).write_text(text)
+    return higgs_diag.load_run(root)
+
+
+NEW_SPLIT_CODES = ("HD005", "HD006", "HD007", "HD008", "HD009", "HD105", "HD106")
+_TRACEBACK = ('Traceback (most recent call last):\n  File "train.py", line 9, in <module>\n'
+              "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+
+
+def test_crash_then_completed_is_not_the_unexplained_crash(tmp_path):
+    crashed = _run_dir(tmp_path / "a", log="step 1\n" + _TRACEBACK)
+    assert [f.code for f in _rule_findings("HD004", crashed)] == ["HD004"] and _rule_findings("HD005", crashed) == []
+    resumed = _run_dir(tmp_path / "b", log="step 1\n" + _TRACEBACK + "resuming\nTraining completed. Do not forget\n")
+    f = _one_finding("HD005", resumed)
+    assert f.severity == Severity.INFO and "RuntimeError" in f.title and len(f.evidence) == 2
+    assert _rule_findings("HD004", resumed) == []
+
+
+@pytest.mark.parametrize("code, path, text, needle", [
+    ("HD006", "checkpoint-10__trainer_state.json", "version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+     "Git LFS pointer"),
+    ("HD007", "checkpoint-10__trainer_state.json", "[1, 2]", "not a HF Trainer state"),
+    ("HD008", "checkpoint-10__trainer_state.json", '{"global_step": 3, "log_history": []}', "nothing logged"),
+    ("HD009", "checkpoint-10__trainer_state.json",
+     '{"global_step": 3, "log_history": [{"step": 3, "loss": 1.0, "note": "text"}]}', "not numbers"),
+    ("HD001", "checkpoint-10__trainer_state.json", '{"global_step": 3, "log_history": [{"step": 1, "loss": 2.0}, ',
+     "could not be read completely"),
+])
+def test_each_input_problem_kind_has_its_own_code(tmp_path, code, path, text, needle):
+    run = _run_dir(tmp_path, **{path: text})
+    found = [f for c in ("HD001",) + NEW_SPLIT_CODES[1:5] for f in _rule_findings(c, run)]
+    assert [f.code for f in found] == [code], [(f.code, f.title) for f in found]
+    assert needle in found[0].title and "checkpoint-10/trainer_state.json" in found[0].title
+    assert found[0].severity == (Severity.WARNING if code == "HD001" else Severity.INFO)
+
+
+def test_checkpoint_without_trainer_state(tmp_path):
+    weights = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"]
+    run = _run_dir(tmp_path / "a", checkpoints={"checkpoint-10": weights + ["trainer_state.json"],
+                                                "checkpoint-20": weights})
+    f = _one_finding("HD105", run)
+    assert f.severity == Severity.WARNING and f.steps == (20, 20) and "checkpoint-20" in f.title
+    assert any("last complete checkpoint" in e and "checkpoint-10" in e for e in f.evidence)
+    complete = _run_dir(tmp_path / "b", checkpoints={"checkpoint-20": weights + ["trainer_state.json"]})
+    assert _rule_findings("HD105", complete) == []
+
+
+def test_early_stopping_disabled(tmp_path):
+    line = ("W0101 trainer_callback.py:650] early stopping required metric_for_best_model, but did not find "
+            "eval_bleu so early stopping is disabled\n")
+    f = _one_finding("HD106", _run_dir(tmp_path / "a", log=line))
+    assert f.severity == Severity.WARNING and "early stopping is disabled" in f.evidence[0]
+    assert f.caused_by is None  # no evaluation without eval_loss explains it
+    assert _rule_findings("HD106", _run_dir(tmp_path / "b", log="step 1\n")) == []
+    # early stopping on eval_loss while the evaluations computed no loss: HD101 is the cause
+    from higgs_diag.run.model import LogEvent
+
+    steps = list(range(1, 21))
+    run = make_run(tmp_path, history(steps, loss=decaying(20)) + [{"step": 10, "eval_runtime": 1.0}],
+                   args={"metric_for_best_model": "eval_loss"})
+    run.log_events = [LogEvent("early-stopping-disabled", "train.log", 5, line.replace("eval_bleu", "eval_loss"))]
+    assert _one_finding("HD106", run).caused_by == "HD101"
+
+
+def test_split_codes_are_quiet_on_the_healthy_fixture():
+    healthy = _fixture("healthy")
+    assert [(f.code, f.title) for c in NEW_SPLIT_CODES for f in _rule_findings(c, healthy)] == []
 
 
 # ---- HD701 resume-discontinuity -----------------------------------------------------------------------
@@ -828,7 +1006,7 @@ def test_fixture_healthy_runs_are_quiet(scenario):
     ("no-learning", "HD401", Severity.CRITICAL),
     ("nan-masked", "HD302", Severity.CRITICAL),
     ("overfitting", "HD405", Severity.WARNING),
-    ("lr-schedule", "HD501", Severity.WARNING),
+    ("lr-schedule", "HD503", Severity.WARNING),  # warmup_steps 1000 > max_steps 150
 ])
 def test_fixture_fault_is_found(scenario, code, severity):
     codes, found = _mine(_fixture(scenario))

@@ -14,15 +14,15 @@ RUNS = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
 
 # scenario -> (the code that must lead the report, its minimum severity, other codes that must be present)
 EXPECTED = {
-    "eval-loss-missing": ("HD101", Severity.CRITICAL, {"HD102"}),
+    "eval-loss-missing": ("HD101", Severity.CRITICAL, {"HD102", "HD105"}),  # HD105: the save the KeyError cut
     "eval-loss-constant": ("HD103", Severity.CRITICAL, set()),
     "audio-labels-unshifted": ("HD201", Severity.CRITICAL, set()),
     "audio-out-missing": ("HD202", Severity.CRITICAL, set()),
     "audio-labels-emptied": ("HD203", Severity.CRITICAL, set()),
     "no-learning": ("HD401", Severity.CRITICAL, set()),
-    "nan-masked": ("HD301", Severity.CRITICAL, {"HD302", "HD601"}),  # HD601: the NaN filter hid it
+    "nan-masked": ("HD301", Severity.CRITICAL, {"HD302", "HD607"}),  # HD607: the NaN filter hid it
     "overfitting": ("HD405", Severity.WARNING, set()),
-    "lr-schedule": ("HD501", Severity.WARNING, set()),
+    "lr-schedule": ("HD503", Severity.WARNING, set()),  # warmup_steps 1000 > max_steps 150
     # console-log stories (fixtures/make_crash_runs.py)
     "no-loss-returned": ("HD104", Severity.CRITICAL, set()),
     "resume-unpickling": ("HD702", Severity.CRITICAL, set()),
@@ -31,14 +31,14 @@ EXPECTED = {
     # curve shapes and a resume (fixtures/make_crash_runs.py)
     "loss-plateau": ("HD404", Severity.INFO, set()),
     "loss-divergence": ("HD402", Severity.WARNING, {"HD403"}),
-    "resumed": ("HD004", Severity.INFO, {"HD701"}),  # the pre-emption explains the resume
+    "resumed": ("HD005", Severity.INFO, {"HD701"}),  # the pre-emption explains the resume
 }
 
 
 def lead_finding(diag):
     """The first finding, passing over the info that every fixture gets: the tiny model trains at 1e-3..1
-    on purpose, far above the learning-rate range recommended for real Higgs fine-tuning (HD501 info)."""
-    return next(f for f in diag.findings if not (f.code == "HD501" and f.severity == Severity.INFO
+    on purpose, far above the learning-rate range recommended for real Higgs fine-tuning (HD508 info)."""
+    return next(f for f in diag.findings if not (f.code == "HD508" and f.severity == Severity.INFO
                                                   and "outside the range" in f.title))
 HEALTHY = ("healthy", "healthy-lora")
 
@@ -75,7 +75,10 @@ def test_eval_loss_missing_links_symptom_to_cause():
     diag = _diag("eval-loss-missing")
     best = diag.by_code("HD102")[0]
     assert best.caused_by == "HD101"
-    assert any("trainer_state.json" in e for e in best.evidence) or any("KeyError" in e for e in best.evidence)
+    assert any("KeyError" in e for e in best.evidence)
+    cut = diag.by_code("HD105")[0]  # the KeyError stopped the save between the weights and the state
+    assert cut.caused_by == "HD102" and cut.steps == (20, 20)
+    assert any("no trainer_state.json" in e for e in cut.evidence)
 
 
 def test_nan_explains_the_masked_loss():

@@ -1,9 +1,10 @@
-"""Start-up validation (shared with analyze's HD601), the collator guard with boson's real collator, the presets,
+"""Start-up validation (shared with analyze's HD601-HD605), the collator guard with boson's real collator, the presets,
 and the migration in docs/trainer.md run as written."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 
 import pytest
@@ -11,9 +12,9 @@ import torch
 from transformers import TrainingArguments
 
 import higgs_diag
-from higgs_diag.checks import REGISTRY, load_all
-from higgs_diag.checks.config_checks import RECOMMENDED, validate_args
-from higgs_diag.config import Thresholds
+from higgs_diag.checks import REGISTRY, load_all, run_checks
+from higgs_diag.checks.config_checks import RECOMMENDED, StartupArgs, validate_args
+from higgs_diag.config import Selection, Thresholds
 from higgs_diag.diagnosis import Severity
 from higgs_diag.trainer import (HiggsAudioTrainer, StartupValidationError, guard_collator, presets,
                                 validate_training_args)
@@ -86,23 +87,115 @@ def test_warn_mode_reports_without_raising(tmp_path):
     assert any(m.startswith("first training batch") and "delay pattern" in m for m in kinds)  # the probe batch too
 
 
-def test_analyze_reports_greater_is_better_for_a_loss_metric(tmp_path):
-    """New in HD601 (shared with the trainer): keeping the checkpoint with the *highest* eval_loss."""
-    load_all()
-    p = tmp_path / "trainer_state.json"
-    p.write_text(json.dumps({"global_step": 2, "max_steps": 2, "logging_steps": 1,
-                             "log_history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]}))
+def _run_with_args(tmp_path, args, name="trainer_state.json", **series):
+    """A short run (loss, optionally grad_norm) whose logged TrainingArguments are ``args``."""
+    n = len(next(iter(series.values()))) if series else 2
+    loss = series.pop("loss", [2.0 - 0.1 * i for i in range(n)])
+    hist = [{"step": i + 1, "loss": loss[i], **{k: v[i] for k, v in series.items()}} for i in range(n)]
+    p = tmp_path / name
+    p.write_text(json.dumps({"global_step": n, "max_steps": n, "logging_steps": 1, "log_history": hist}))
     run = higgs_diag.load_run(p)
+    run.args = args
+    return run
+
+
+def _rule(code, run):
+    """One rule's findings as a report shows them (through the registry: explanation and fix filled in)."""
+    return run_checks(run, Thresholds(), Selection(select=(code,)))
+
+
+# seed 000's evaluation settings (eval_steps 500, save_steps 1000, best model by eval_loss): no rule fires
+HEALTHY_ARGS = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                    eval_strategy="steps", save_strategy="steps", eval_steps=500, save_steps=1000, max_steps=20_000,
+                    logging_nan_inf_filter=False, learning_rate=5e-5, warmup_steps=200)
+ARGS_CODES = ("HD601", "HD602", "HD603", "HD604", "HD605", "HD607")
+
+
+@pytest.mark.parametrize("code, changes, needle", [
+    ("HD601", dict(save_steps=700), "save_steps=700 not a multiple of eval_steps=500"),
+    ("HD602", dict(eval_strategy="epoch"), "eval_strategy='epoch' and save_strategy='steps'"),
+    ("HD603", dict(eval_strategy="no", load_best_model_at_end=False), "but evaluation is off"),
+    ("HD604", dict(max_steps=400, load_best_model_at_end=False), "eval_steps=500 is larger than max_steps=400"),
+    ("HD605", dict(greater_is_better=True), "the checkpoint with the highest loss is kept"),
+])
+def test_each_args_contradiction_has_its_own_code(tmp_path, code, changes, needle):
+    """Analyze (on the logged args) and the trainer (validate_args) report the same condition under the
+    same code; the other contradiction rules stay quiet, and all are quiet on seed 000's settings."""
+    load_all()
+    run = _run_with_args(tmp_path, dict(HEALTHY_ARGS, **changes))
+    found = [f for c in ARGS_CODES for f in _rule(c, run)]
+    assert [f.code for f in found] == [code], [(f.code, f.title) for f in found]
+    f = found[0]
+    assert needle in f.title and f.explanation == REGISTRY[code].why and f.fix.startswith(REGISTRY[code].fix)
+    assert [(c, t) for c, _s, t, _f in validate_args(run.args)] == [(code, f.title)]
+    healthy = _run_with_args(tmp_path, dict(HEALTHY_ARGS), name="b.json")
+    assert [f for c in ARGS_CODES for f in _rule(c, healthy)] == []
+    assert validate_args(HEALTHY_ARGS, at_startup=True, produced_metrics={"eval_loss"}) == []
+
+
+def test_analyze_reports_greater_is_better_for_a_loss_metric(tmp_path):
+    """HD605 (shared with the trainer): keeping the checkpoint with the *highest* eval_loss."""
+    load_all()
     base = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", eval_strategy="steps",
                 save_strategy="steps", eval_steps=5, save_steps=10)
-    run.args = dict(base, greater_is_better=True)
-    found = list(REGISTRY["HD601"].func(run, Thresholds()))
+    run = _run_with_args(tmp_path, dict(base, greater_is_better=True))
+    found = _rule("HD605", run)
     assert [f.severity for f in found] == [Severity.CRITICAL]
     assert "greater_is_better=True" in found[0].title and "greater_is_better=False" in found[0].fix
     run.args = dict(base, greater_is_better=False)
-    assert list(REGISTRY["HD601"].func(run, Thresholds())) == []
+    assert _rule("HD605", run) == []
     # analyze never gets the start-up advice (it judges logged values instead)
     assert validate_args({"learning_rate": 1.0, "logging_nan_inf_filter": True}) == []
+
+
+def test_save_steps_fix_names_a_multiple(tmp_path):
+    load_all()
+    run = _run_with_args(tmp_path, dict(HEALTHY_ARGS, save_steps=1300))
+    (f,) = _rule("HD601", run)
+    assert f.severity == Severity.CRITICAL and f.fix.endswith("Here: eval_steps=500, save_steps=1500.")
+
+
+def test_nan_filter_that_hid_non_finite_gradients(tmp_path):
+    """HD607: grad_norm NaN at 2+ steps while every logged loss is finite and the filter is on."""
+    load_all()
+    grad = [1.0, math.nan, 1.0, math.inf, 1.0, 1.0]
+    run = _run_with_args(tmp_path, {"logging_nan_inf_filter": True}, grad_norm=grad)
+    (f,) = _rule("HD607", run)
+    assert f.severity == Severity.WARNING and f.steps == (2, 4) and "logging_nan_inf_filter=False" in f.fix
+    # the filter off, a single bad step, or the NaN visible in the loss: quiet
+    assert _rule("HD607", _run_with_args(tmp_path, {"logging_nan_inf_filter": False}, name="b.json",
+                                         grad_norm=grad)) == []
+    assert _rule("HD607", _run_with_args(tmp_path, {}, name="c.json", grad_norm=[1.0, math.nan, 1.0, 1.0])) == []
+    assert _rule("HD607", _run_with_args(tmp_path, {}, name="d.json", grad_norm=grad,
+                                         loss=[2.0, math.nan, 1.9, math.nan, 1.8, 1.7])) == []
+    assert _rule("HD607", higgs_diag.load_run(ROOT / "fixtures" / "runs" / "healthy")) == []
+
+
+def test_startup_rules_are_documented_and_not_run_by_analyze(tmp_path):
+    """HD606, HD608-HD610 have codes and docs, the trainer applies them, analyze does not."""
+    load_all()
+    startup = {c for c, r in REGISTRY.items() if r.scope == "startup"}
+    assert {"HD606", "HD608", "HD609", "HD610"} <= startup
+    args = dict(HEALTHY_ARGS, logging_nan_inf_filter=True, learning_rate=1e-2, warmup_steps=10,
+                metric_for_best_model="bleu")
+    got = validate_args(args, at_startup=True, produced_metrics={"eval_loss"}, language="ar")
+    assert [c for c, *_ in got] == ["HD606", "HD608", "HD609", "HD610"]
+    assert all(fix.startswith(REGISTRY[c].fix) for c, _s, _t, fix in got)
+    # the registered rules judge the same conditions on what the trainer knows
+    subject = StartupArgs(args, frozenset({"eval_loss"}), "ar")
+    for code, _sev, title, _fix in got:
+        assert [f.title for f in REGISTRY[code].func(subject, Thresholds())] == [title]
+    healthy = StartupArgs(dict(HEALTHY_ARGS, warmup_steps=600, learning_rate=2e-5), frozenset({"eval_loss"}), "ar")
+    assert [f for c in sorted(startup) for f in REGISTRY[c].func(healthy, Thresholds())] == []
+    run = _run_with_args(tmp_path, args)
+    assert not startup & {f.code for f in run_checks(run)}
+
+
+def test_trainer_problems_carry_their_codes(tmp_path):
+    problems = validate_training_args(targs(tmp_path, learning_rate=1e-4, warmup_steps=100, logging_nan_inf_filter=True),
+                                      mode="warn", language="ar", probe_batch=False)
+    assert sorted(p.message.split()[0] for p in problems) == ["HD608", "HD609", "HD610"]
+    assert all(p.severity == "warning" and p.fix for p in problems)
 
 
 # ---- collator guard with boson's real collator ------------------------------------------------------------

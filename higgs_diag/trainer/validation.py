@@ -1,7 +1,8 @@
 """Start-up validation: the configuration checks run before the first step.
 
-:func:`validate_training_args` runs :func:`higgs_diag.checks.config_checks.validate_args` (the function
-``higgs-diag analyze`` applies to logged args, check HD601) on ``args.to_dict()`` and adds what only a live
+:func:`validate_training_args` runs :func:`higgs_diag.checks.config_checks.validate_args` (the conditions
+``higgs-diag analyze`` applies to logged args, HD601-HD605, and the start-up rules HD606, HD608-HD610; each
+problem's message starts with its code, for ``higgs-diag explain``) on ``args.to_dict()`` and adds what only a live
 run can check: the collator against ``model.config`` (delay pattern, codebook count, stream and audio token
 ids), ``remove_unused_columns`` against the dataset's sample type, and one probe batch, collated from the
 first training samples and checked by :func:`higgs_diag.batch.validate_batch` (the per-step batch validation).
@@ -191,9 +192,9 @@ def validate_training_args(args: Any, model: Any = None, data_collator: Any = No
     if mode == "off":
         return []
     d = args.to_dict() if hasattr(args, "to_dict") else dict(args)
-    problems = [Problem(str(sev).lower().split(".")[-1], msg, fix, "args")
-                for _code, sev, msg, fix in validate_args(d, at_startup=True, produced_metrics=produced_metrics,
-                                                          language=language, thresholds=thresholds)]
+    problems = [Problem(str(sev), f"{code} {title}", fix, "args")
+                for code, sev, title, fix in validate_args(d, at_startup=True, produced_metrics=produced_metrics,
+                                                           language=language, thresholds=thresholds)]
     cfg = model_config(model)
     problems += _collator_problems(data_collator, cfg)
     problems += _remove_columns_problems(args, train_dataset, signature_columns(model, label_names))
