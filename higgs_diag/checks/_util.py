@@ -98,3 +98,42 @@ def state_or_arg(run, state_field: str, arg_name: str | None = None):
     if v is None and arg_name is not None:
         v = run.arg(arg_name)
     return v
+
+
+# ---- series helpers shared by the curve rules (numerics, optimisation, overfitting, resume) ------------
+
+def steps_list(steps, limit: int = 6) -> str:
+    """``10, 20, 30`` or ``10, 20, ..., (41 in all)``: the steps a finding lists as evidence."""
+    steps = [int(s) for s in steps]
+    if len(steps) <= limit:
+        return ", ".join(str(s) for s in steps)
+    return ", ".join(str(s) for s in steps[:limit]) + f", ... ({len(steps)} in all)"
+
+
+def longest_true_run(mask) -> tuple[int, int, int]:
+    """Length, start index and end index (inclusive) of the longest run of True in ``mask``
+    ((0, -1, -1) when there is none); the first such run on ties."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return 0, -1, -1
+    edges = np.diff(np.concatenate(([0], m.astype(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)  # one past the run
+    i = int(np.argmax(ends - starts))
+    return int(ends[i] - starts[i]), int(starts[i]), int(ends[i] - 1)
+
+
+def value_at(s: pd.Series, step: int) -> tuple[int, float] | None:
+    """The last point of ``s`` (sorted by step) at or before ``step``, else its first point; None when empty."""
+    if s.empty:
+        return None
+    i = int(s.index.searchsorted(step, side="right")) - 1
+    i = max(i, 0)
+    return int(s.index[i]), float(s.iloc[i])
+
+
+def smoothed(s: pd.Series, fraction: float) -> pd.Series:
+    """The finite points of ``s`` under a centred rolling median over ``fraction`` of them (at most 200)."""
+    s = finite(s)
+    w = smoothing_window(len(s), fraction)
+    return s.rolling(w, center=True, min_periods=1).median() if w > 1 else s

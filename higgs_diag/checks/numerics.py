@@ -1,8 +1,9 @@
-"""Numerics: NaN/Inf in the logged losses and gradient norms, and NaN hidden behind a masked loss.
+"""Numerics: NaN/Inf in the logged losses and gradient norms, and NaN hidden behind a loss that is not the loss.
 
-HD302 (nan-masked) explains the flat or zero loss curves that the optimisation checks would otherwise
+HD302-HD304 (nan-masked) explain the flat or zero loss curves that the optimisation rules would otherwise
 report as their own problems (no-learning, plateau): the loss looks flat because what was logged is not
-the loss. HD301 (the NaN itself), when it is visible, explains HD302.
+the loss. HD301 (a non-finite loss, where it is visible) explains them in turn. HD305/HD306 report a
+non-finite gradient norm under a loss that stays finite everywhere.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..config import Thresholds
 from ..diagnosis import Finding, Severity
 from ..run.model import Run
 from . import causes, check, finding
-from ._util import fmt, loss_not_cross_entropy
+from ._util import fmt, longest_true_run, loss_not_cross_entropy, steps_list
 
 
 def _loss_metrics(run: Run) -> list[str]:
@@ -23,39 +24,15 @@ def _loss_metrics(run: Run) -> list[str]:
     return [m for m in run.metrics if "loss" in m.lower()]
 
 
-def _steps_text(steps, limit: int = 6) -> str:
-    steps = [int(s) for s in steps]
-    if len(steps) <= limit:
-        return ", ".join(str(s) for s in steps)
-    return ", ".join(str(s) for s in steps[:limit]) + f", ... ({len(steps)} in all)"
-
-
-def _longest_run(mask: np.ndarray) -> tuple[int, int, int]:
-    """Length, start index and end index (inclusive) of the longest run of True in `mask`."""
-    best = (0, -1, -1)
-    start = None
-    for i, v in enumerate(list(mask) + [False]):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            if i - start > best[0]:
-                best = (i - start, start, i - 1)
-            start = None
-    return best
-
-
 @dataclass
 class _Masked:
-    """What HD302 found; HD301 uses it to leave the grad_norm points HD302 already explains."""
+    """Steps whose grad_norm is NaN/Inf while the logged loss at the same step is finite: 0.0 (HD302) or a
+    verbatim repeat of the previous logged value (HD303). HD301/HD305/HD306 leave these steps to them."""
 
-    # pattern A: grad_norm non-finite and the loss at the same step 0.0 or a frozen repeat
-    nan_steps: list[int] = field(default_factory=list)
+    nan_steps: list[int] = field(default_factory=list)  # every non-finite grad_norm step with a loss
     zero_steps: list[int] = field(default_factory=list)
     frozen_steps: list[int] = field(default_factory=list)
-    # pattern B: loss pinned to a suspicious constant while grad_norm is exactly 0
-    const_value: float | None = None
-    const_steps: list[int] = field(default_factory=list)
-    const_longest: tuple[int, int, int] = (0, -1, -1)
+    grad_at: dict[int, float] = field(default_factory=dict)  # grad_norm at the masked steps
     n_loss: int = 0
 
     @property
@@ -63,7 +40,7 @@ class _Masked:
         return sorted(set(self.zero_steps) | set(self.frozen_steps))
 
 
-def _find_masked(run: Run, t: Thresholds) -> _Masked:
+def _find_masked(run: Run) -> _Masked:
     out = _Masked()
     loss = run.series("loss")
     grad = run.series("grad_norm")
@@ -77,268 +54,355 @@ def _find_masked(run: Run, t: Thresholds) -> _Masked:
     gv = both["grad"].to_numpy(dtype="float64")
     steps = both.index.to_numpy()
     g_bad = ~np.isfinite(gv)
-    # pattern A: the step's grad_norm is NaN/Inf but the logged loss is finite and exactly 0.0, or a
-    # verbatim repeat of the previous logged value (what a NaN-replacing fallback produces)
     prev = np.concatenate([[np.nan], lv[:-1]])
     zero = g_bad & (lv == 0.0)
     frozen = g_bad & np.isfinite(lv) & (lv != 0.0) & (lv == prev)
     out.nan_steps = [int(s) for s in steps[g_bad]]
     out.zero_steps = [int(s) for s in steps[zero]]
     out.frozen_steps = [int(s) for s in steps[frozen]]
-    # pattern B: loss equal to a suspicious constant while grad_norm is exactly 0 (a constant tensor
-    # with no graph behind it). Preference/RL objectives can legitimately be 0 with no gradient.
-    if loss_not_cross_entropy(run) is None:
-        best: tuple[int, float | None, np.ndarray | None] = (0, None, None)
-        for c in t.suspicious_constants:
-            m = (lv == float(c)) & (gv == 0.0)  # non-finite grad_norm steps are pattern A
-            if int(m.sum()) > best[0]:
-                best = (int(m.sum()), float(c), m)
-        if best[0] > 0 and best[2] is not None:
-            m = best[2]
-            out.const_value = best[1]
-            out.const_steps = [int(s) for s in steps[m]]
-            n, i0, i1 = _longest_run(m)
-            out.const_longest = (n, int(steps[i0]), int(steps[i1]))
+    out.grad_at = {int(s): float(g) for s, g in zip(steps[zero | frozen], gv[zero | frozen])}
     return out
 
 
-@check("HD302", "nan-masked", rank=10)
-def nan_masked(run: Run, t: Thresholds) -> list[Finding]:
-    """The logged loss is not the loss: NaN/Inf steps were hidden as 0.0, a frozen value or a constant.
+def _kind(values) -> str:
+    return "NaN" if any(np.isnan(v) for v in values) else "Inf"
 
-    What it detects: (a) Steps where `grad_norm` is NaN/Inf while the logged `loss` at the same step is exactly
-    0.0 or repeats the previous value verbatim. (b) A loss pinned to one of the suspicious
-    constants (default 0.0 and 0.001) with `grad_norm` exactly 0 over consecutive logged steps.
 
-    Why it happens: HF Trainer's `logging_nan_inf_filter=True` (the default) replaces a NaN/Inf step loss by the
-    average of the window logged so far; when every step of the window was NaN (or NaN started at
-    the first step) the logged `loss` is 0.0 while `grad_norm` is NaN. Community trainers also
-    wrap `compute_loss` in try/except and return `torch.tensor(0.001)` or 0.0 when the loss is
-    NaN or raises: a constant has no graph, so `grad_norm` is 0.0 and nothing is learned. For
-    Higgs Audio a typical source is a batch whose `label_audio_ids` are all -100: the mean
-    cross-entropy over zero targets is NaN.
-
-    Example: grad_norm is NaN at 40 of 40 logged steps (first step 10, last step 400); at 40 of them loss
-    is logged as exactly 0.0.
-
-    Fix: Set `logging_nan_inf_filter=False` to see the real values, remove any try/except that
-    substitutes a constant loss, and fix the NaN at its source: lower `learning_rate`, use
-    `bf16=True` instead of `fp16`, keep `max_grad_norm=1.0`, and skip or guard batches with no
-    valid label (`loss = ce_sum / valid.sum().clamp(min=1)`).
-    """
-    out: list[Finding] = []
-    m = _find_masked(run, t)
+def _filter_line(run: Run) -> str:
     filt = run.arg("logging_nan_inf_filter")
-    filt_line = (f"TrainingArguments.logging_nan_inf_filter = {filt}" if filt is not None else
-                 "logging_nan_inf_filter is not in the logs; HF's default is True")
-    grad = run.series("grad_norm")
-    n_grad = int(len(grad))
+    return (f"TrainingArguments.logging_nan_inf_filter = {filt}" if filt is not None else
+            "logging_nan_inf_filter is not in the logs; HF's default is True")
 
-    masked = m.masked_steps
-    if masked:
-        share = len(masked) / max(1, m.n_loss)
-        last_loss_step = int(run.series("loss").index[-1])
-        persists = masked[-1] == last_loss_step
-        sev = Severity.CRITICAL if (share >= t.nonfinite_critical_share or persists) else Severity.WARNING
-        n_nan = int(np.isnan(grad.to_numpy()).sum())
-        kind = "NaN" if n_nan else "Inf"
-        ev = [f"grad_norm is {kind} at {len(m.nan_steps)} of {n_grad} logged steps "
-              f"(first step {m.nan_steps[0]}, last step {m.nan_steps[-1]})"]
-        if m.zero_steps:
-            ev.append(f"at {len(m.zero_steps)} of them the logged loss is exactly 0.0 "
-                      f"(steps {_steps_text(m.zero_steps)})")
-        if m.frozen_steps:
-            ev.append(f"at {len(m.frozen_steps)} of them the logged loss repeats the previous value "
-                      f"verbatim (steps {_steps_text(m.frozen_steps)})")
-        loss = run.series("loss")
-        ok = loss[~loss.index.isin(masked) & np.isfinite(loss.to_numpy())]
-        if not ok.empty:
-            ev.append(f"elsewhere the loss reads {fmt(ok.min())}..{fmt(ok.max())} over {len(ok)} logged steps")
-        if persists:
-            ev.append(f"the masking lasts to the last logged step ({last_loss_step}): the run never recovered")
-        ev.append(filt_line)
-        out.append(finding(
-            sev,
-            f"Loss hides NaN/Inf: logged as 0.0 or frozen on {len(masked)} steps where grad_norm is {kind}",
-            evidence=ev,
-            explanation=(
-                "The logged loss is not the loss on these steps. With logging_nan_inf_filter=True the "
-                "Trainer replaces a NaN/Inf step loss by the average of the steps logged so far in the "
-                "window; a window of only NaN steps (or NaN from the first step) is logged as 0.0, and "
-                "a fallback in user code can freeze it at the previous value. The non-finite grad_norm "
-                "logged at the same steps is the real signal: the forward or backward pass produced "
-                "NaN/Inf, and unless the fp16 grad scaler skipped these updates the weights are now NaN."),
-            fix=(
-                "Run again with logging_nan_inf_filter=False to see every NaN step; fix the source: lower "
-                "learning_rate, use bf16=True instead of fp16=True, keep max_grad_norm=1.0, and guard "
-                "batches with no valid label (every label -100 makes a mean cross-entropy NaN): divide the "
-                "summed loss by valid.sum().clamp(min=1). Do not resume from a checkpoint saved after "
-                f"step {m.nan_steps[0]} without checking its weights for NaN."),
-            steps=(masked[0], masked[-1]),
-            metrics=("loss", "grad_norm"),
-        ))
 
-    if m.const_steps:
-        n_run, s0, s1 = m.const_longest
-        share = len(m.const_steps) / max(1, m.n_loss)
-        c = fmt(m.const_value)
-        if n_run >= t.masked_min_steps:
-            sev = Severity.CRITICAL if share >= t.nonfinite_critical_share else Severity.WARNING
-            title = (f"Loss pinned to {c} with grad_norm 0.0 on {n_run} consecutive logged steps: "
-                     f"a constant replaced the real loss")
-            steps = (s0, s1)
-        else:
-            sev = Severity.INFO
-            title = (f"Loss exactly {c} with grad_norm 0.0 on {len(m.const_steps)} isolated logged "
-                     f"step(s): batches with nothing to learn or a fallback constant")
-            steps = (m.const_steps[0], m.const_steps[-1])
-        ev = [f"loss == {c} and grad_norm == 0.0 at {len(m.const_steps)} of {m.n_loss} logged steps "
-              f"(steps {_steps_text(m.const_steps)})",
-              f"longest consecutive stretch: {n_run} logged steps ({s0}..{s1})"]
-        out.append(finding(
-            sev, title, evidence=ev,
-            explanation=(
-                "A loss that sits exactly on a round constant while the gradient norm is exactly zero is "
-                "not computed from the model: a constant tensor has no graph, so backward() produces no "
-                "gradient and the optimizer does nothing. This is what a try/except around compute_loss "
-                "that returns torch.tensor(0.001) (or 0.0) on NaN or on an exception produces; isolated "
-                "steps can also be batches in which every label is -100 and the loss code returns 0."),
-            fix=(
-                "Remove the fallback that returns a constant loss; let the exception or NaN surface "
-                "(logging_nan_inf_filter=False) and fix its cause. If some batches legitimately have no "
-                "target (all labels -100), filter those samples in the dataset/collator instead of "
-                "returning a constant."),
-            steps=steps,
-            metrics=("loss", "grad_norm"),
-        ))
+def _masked_finding(run: Run, t: Thresholds, m: _Masked, steps: list[int], how: str, title: str) -> Finding:
+    """The finding of HD302 or HD303: ``steps`` are the masked steps of that rule, ``how`` says what the
+    loss reads there."""
+    loss = run.series("loss")
+    last_loss_step = int(loss.index[-1])
+    persists = steps[-1] == last_loss_step
+    share = len(steps) / max(1, m.n_loss)
+    sev = Severity.CRITICAL if (share >= t.nonfinite_critical_share or persists) else Severity.WARNING
+    kind = _kind(m.grad_at[s] for s in steps)
+    ev = [f"grad_norm is non-finite at {len(m.nan_steps)} of {len(run.series('grad_norm'))} logged steps "
+          f"(first step {m.nan_steps[0]}, last step {m.nan_steps[-1]})",
+          f"at {len(steps)} of them the logged loss {how} (steps {steps_list(steps)})"]
+    ok = loss[~loss.index.isin(m.masked_steps) & np.isfinite(loss.to_numpy())]
+    if not ok.empty:
+        ev.append(f"elsewhere the loss reads {fmt(ok.min())}..{fmt(ok.max())} over {len(ok)} logged steps")
+    if persists:
+        ev.append(f"the masking lasts to the last logged step ({last_loss_step}): the run never recovered")
+    ev.append(_filter_line(run))
+    return finding(
+        sev, title.format(n=len(steps), kind=kind), evidence=ev,
+        fix_detail=f"The first non-finite grad_norm here is at step {m.nan_steps[0]}.",
+        steps=(steps[0], steps[-1]), metrics=("loss", "grad_norm"))
+
+
+# ---- HD302-HD304: a loss that is not the loss ------------------------------------------------------
+
+@check("HD302", "nan-masked", rank=10, thresholds=("nonfinite_critical_share",))
+def nan_logged_as_zero(run: Run, t: Thresholds) -> list[Finding]:
+    """The logged loss is 0.0 where grad_norm is NaN/Inf: the Trainer's NaN filter hid a non-finite loss.
+
+    What it detects: Steps where `grad_norm` is NaN/Inf while the logged `loss` at the same step is exactly
+    0.0. Critical when they are at least `nonfinite_critical_share` of the logged loss steps or last
+    to the last logged step; a warning for a window that was masked and recovered.
+
+    Why it happens: HF Trainer's `logging_nan_inf_filter=True` (the default) replaces a NaN/Inf step loss by
+    the average of the steps logged so far in the logging window; when every step of the window was
+    NaN (or NaN started at the first step) the logged `loss` is 0.0. The logged loss is then not the
+    loss: the non-finite `grad_norm` logged at the same steps is the real signal. The forward or
+    backward pass produced NaN/Inf, and unless the fp16 grad scaler skipped these updates the weights
+    are now NaN. For Higgs Audio a typical source is a batch whose `label_audio_ids` are all -100: the
+    mean cross-entropy over zero targets is 0/0 = NaN.
+
+    Example: grad_norm is non-finite at 40 of 40 logged steps (first step 10, last step 400); at 40 of them
+    the logged loss is exactly 0.0.
+
+    Fix: Run again with `logging_nan_inf_filter=False` to see every NaN step, and fix the NaN at its
+    source: lower `learning_rate`, use `bf16=True` instead of `fp16=True`, keep `max_grad_norm=1.0`,
+    and guard batches with no valid label (`loss = ce_sum / valid.sum().clamp(min=1)`). Do not resume
+    from a checkpoint saved after the first NaN step without checking its weights for NaN.
+    """
+    m = _find_masked(run)
+    if not m.zero_steps:
+        return []
+    return [_masked_finding(run, t, m, m.zero_steps, "is exactly 0.0",
+                            "Loss logged as 0.0 on {n} step(s) where grad_norm is {kind}: the NaN filter hid "
+                            "a non-finite loss")]
+
+
+@check("HD303", "nan-masked", rank=10, thresholds=("nonfinite_critical_share",))
+def nan_frozen_loss(run: Run, t: Thresholds) -> list[Finding]:
+    """The logged loss repeats its previous value where grad_norm is NaN/Inf: a fallback froze the loss.
+
+    What it detects: Steps where `grad_norm` is NaN/Inf while the logged `loss` at the same step is finite,
+    nonzero and a verbatim repeat of the previous logged value. Critical when they are at least
+    `nonfinite_critical_share` of the logged loss steps or last to the last logged step; else a warning.
+
+    Why it happens: The Trainer's own NaN filter logs a window average or 0.0 (HD302), never the previous
+    logged value verbatim: a frozen loss comes from user code that replaces a NaN/Inf loss by the last
+    good one (`if torch.isnan(loss): loss = self.last_loss` in `compute_loss`, or a callback or logger
+    that re-reports a cached number). The curve then looks flat while the forward or backward pass
+    produces NaN/Inf on these steps; unless the fp16 grad scaler skipped the updates, the weights are
+    now NaN.
+
+    Example: grad_norm is non-finite at 20 of 50 logged steps (first step 31, last step 50); at 20 of them
+    the logged loss repeats the previous value verbatim.
+
+    Fix: Remove the code that substitutes the previous loss and let the NaN surface (with
+    `logging_nan_inf_filter=False`); then fix it at its source: lower `learning_rate`, use `bf16=True`
+    instead of `fp16=True`, keep `max_grad_norm=1.0`, and guard batches with no valid label
+    (`loss = ce_sum / valid.sum().clamp(min=1)`). Do not resume from a checkpoint saved after the first
+    NaN step without checking its weights for NaN.
+    """
+    m = _find_masked(run)
+    if not m.frozen_steps:
+        return []
+    return [_masked_finding(run, t, m, m.frozen_steps, "repeats the previous value verbatim",
+                            "Loss frozen at its previous value on {n} step(s) where grad_norm is {kind}: "
+                            "a fallback hid a non-finite loss")]
+
+
+def _pinned_constant(run: Run, t: Thresholds) -> tuple[float, list[int], tuple[int, int, int]] | None:
+    """(constant, steps, (longest stretch, its first step, its last step)) of the suspicious constant the
+    loss equals most often while grad_norm is exactly 0; None when there is none."""
+    if loss_not_cross_entropy(run) is not None:  # a preference/RL objective can be 0 with no gradient
+        return None
+    loss, grad = run.series("loss"), run.series("grad_norm")
+    if loss.empty or grad.empty:
+        return None
+    both = pd.concat([loss.rename("loss"), grad.rename("grad")], axis=1, join="inner")
+    lv = both["loss"].to_numpy(dtype="float64")
+    gv = both["grad"].to_numpy(dtype="float64")
+    steps = both.index.to_numpy()
+    best: tuple[int, float | None, np.ndarray | None] = (0, None, None)
+    for c in t.suspicious_constants:
+        mask = (lv == float(c)) & (gv == 0.0)  # non-finite grad_norm steps are HD302/HD303's
+        if int(mask.sum()) > best[0]:
+            best = (int(mask.sum()), float(c), mask)
+    if best[0] == 0 or best[2] is None:
+        return None
+    n, i0, i1 = longest_true_run(best[2])
+    return best[1], [int(s) for s in steps[best[2]]], (n, int(steps[i0]), int(steps[i1]))
+
+
+@check("HD304", "nan-masked", rank=10,
+       thresholds=("suspicious_constants", "masked_min_steps", "nonfinite_critical_share"))
+def constant_loss(run: Run, t: Thresholds) -> list[Finding]:
+    """The loss is pinned to a round constant while grad_norm is exactly 0: a constant replaced the real loss.
+
+    What it detects: A train `loss` equal to one of `suspicious_constants` (default 0.0 and 0.001) while
+    `grad_norm` is exactly 0.0. A warning when the longest consecutive stretch reaches
+    `masked_min_steps` logged steps (critical when such steps are at least `nonfinite_critical_share`
+    of the logged ones); info for isolated steps. Runs whose loss is not a cross-entropy (TRL
+    preference/RL objectives) are skipped: their objective can be 0 with no gradient.
+
+    Why it happens: A loss that sits exactly on a round constant while the gradient norm is exactly zero is
+    not computed from the model: a constant tensor has no graph, so `backward()` produces no gradient
+    and the optimizer does nothing. Community trainers wrap `compute_loss` in try/except and return
+    `torch.tensor(0.001)` or 0.0 when the loss is NaN or raises. Isolated steps can also be batches in
+    which every label is -100 and the loss code returns 0.
+
+    Example: loss == 0.001 and grad_norm == 0.0 at 30 of 100 logged steps; longest consecutive stretch:
+    30 logged steps (41..70).
+
+    Fix: Remove the fallback that returns a constant loss; let the exception or NaN surface
+    (`logging_nan_inf_filter=False`) and fix its cause. If some batches legitimately have no target
+    (all labels -100), filter those samples in the dataset or collator instead of returning a constant.
+    """
+    pinned = _pinned_constant(run, t)
+    if pinned is None:
+        return []
+    value, steps, (n_run, s0, s1) = pinned
+    n_loss = len(run.series("loss"))
+    c = fmt(value)
+    if n_run >= t.masked_min_steps:
+        share = len(steps) / max(1, n_loss)
+        sev = Severity.CRITICAL if share >= t.nonfinite_critical_share else Severity.WARNING
+        span = (s0, s1)
+    else:
+        sev, span = Severity.INFO, (steps[0], steps[-1])
+    ev = [f"loss == {c} and grad_norm == 0.0 at {len(steps)} of {n_loss} logged steps (steps {steps_list(steps)})",
+          f"longest consecutive stretch: {n_run} logged steps ({s0}..{s1})"
+          + ("" if n_run >= t.masked_min_steps else
+             f"; isolated steps (under masked_min_steps={t.masked_min_steps}) can be batches with nothing to learn")]
+    return [finding(
+        sev, f"Loss pinned to {c} with grad_norm 0.0 on {len(steps)} logged step(s) (longest stretch {n_run})",
+        evidence=ev, steps=span, metrics=("loss", "grad_norm"))]
+
+
+# ---- HD301: a non-finite loss ------------------------------------------------------------------------
+
+def _nonfinite_line(metric: str, s: pd.Series) -> tuple[str, int, int] | None:
+    bad = ~np.isfinite(s.to_numpy(dtype="float64"))
+    if not bad.any():
+        return None
+    bs = s[bad]
+    n_nan = int(np.isnan(bs.to_numpy()).sum())
+    kinds = ", ".join(k for k, n in (("NaN", n_nan), ("Inf", len(bs) - n_nan)) if n)
+    first, last = int(bs.index[0]), int(bs.index[-1])
+    line = (f"{metric} is non-finite ({kinds}) at {len(bs)} of {len(s)} logged steps "
+            f"(first step {first}, last step {last})")
+    fin = s[~bad]
+    before = fin[fin.index < first]
+    if not before.empty:
+        line += f"; last finite value {fmt(before.iloc[-1])} at step {int(before.index[-1])}"
+    if (fin.index > last).any():
+        line += "; finite again afterwards"
+    return line, first, last
+
+
+def _nonfinite_losses(run: Run) -> list[tuple[str, str, int, int]]:
+    """(metric, evidence line, first step, last step) for every loss series with a NaN/Inf value."""
+    out = []
+    for metric in _loss_metrics(run):
+        r = _nonfinite_line(metric, run.series(metric))
+        if r is not None:
+            out.append((metric,) + r)
     return out
+
+
+def _unmasked_bad_grad(run: Run) -> pd.Series:
+    """The non-finite grad_norm points that HD302/HD303 do not already explain."""
+    grad = run.series("grad_norm")
+    gbad = grad[~np.isfinite(grad.to_numpy(dtype="float64"))]
+    if gbad.empty:
+        return gbad
+    return gbad[~gbad.index.isin(_find_masked(run).masked_steps)]
 
 
 @check("HD301", "non-finite", rank=12)
-def non_finite(run: Run, t: Thresholds) -> list[Finding]:
-    """NaN or Inf values in a logged loss or gradient norm.
+def non_finite_loss(run: Run, t: Thresholds) -> list[Finding]:
+    """A logged loss became NaN or Inf.
 
-    What it detects: NaN/Inf in `loss`, `eval_loss`, any other `*loss*` series (`audio_loss`,
-    `text_loss`, `audio_loss_cb{k}`, `train_loss`) and `grad_norm`: how many, first and last
-    step. A non-finite loss is critical. For `grad_norm` alone: a few isolated Inf steps with a
-    finite loss around them are fp16 overflow steps that the grad scaler skipped (info); a few
-    isolated NaN steps are a warning; non-finite on at least `nonfinite_critical_share` of the
-    logged steps is critical (NaN) or a warning (Inf: the scaler keeps skipping updates).
+    What it detects: NaN/Inf in `loss`, `eval_loss` or any other `*loss*` series (`audio_loss`,
+    `text_loss`, `audio_loss_cb{k}`, `train_loss`): how many, first and last step, the last finite value
+    before; non-finite `grad_norm` steps are listed with it. Always critical.
 
-    Why it happens: Too high a learning rate, fp16 overflow in attention/logits, a batch whose labels are all -100
-    (a mean cross-entropy over zero targets is 0/0 = NaN; for Higgs Audio a sample whose
-    `label_audio_ids` are all masked), log of zero in a custom loss, or bad input features.
-    With bf16/fp32 there is no scaler: one NaN gradient makes every weight NaN.
+    Why it happens: The forward pass overflowed or divided by zero; the gradient is NaN too, and without an
+    fp16 grad scaler to skip the step (bf16 and fp32 have none) the optimizer writes NaN into every
+    weight, so every later step and checkpoint is broken. Typical causes: a learning rate too high,
+    fp16 overflow in attention or logits, a batch whose labels are all -100 (a mean cross-entropy over
+    zero targets is 0/0 = NaN; for Higgs Audio a sample whose `label_audio_ids` are all masked), log
+    of zero in a custom loss, or bad input features.
 
     Example: loss is NaN at 120 of 300 logged steps (first step 1210, last step 1500); last finite loss
     2.314 at step 1200.
 
     Fix: Lower `learning_rate` (Higgs fine-tuning: 1e-5..1e-4), keep `max_grad_norm=1.0`, prefer
-    `bf16=True` over `fp16=True`, set `logging_nan_inf_filter=False` to see each bad step,
-    and guard the loss against batches with no valid label.
+    `bf16=True` over `fp16=True`, set `logging_nan_inf_filter=False` to see each bad step, and
+    compute the loss as `ce_sum / valid.sum().clamp(min=1)` so a batch with no valid label cannot
+    make it NaN. Resume only from a checkpoint saved before the first non-finite step.
     """
-    out: list[Finding] = []
-    masked = set(_find_masked(run, t).masked_steps)
+    losses = _nonfinite_losses(run)
+    if not losses:
+        return []
+    names = tuple(metric for metric, _line, _first, _last in losses)
+    ev = [line for _metric, line, _first, _last in losses]
+    first_loss = min(first for *_, first, _last in losses)
+    first, last = first_loss, max(last for *_, last in losses)
+    gbad = _unmasked_bad_grad(run)  # listed with the loss: the same event
+    if not gbad.empty:
+        g_nan = int(np.isnan(gbad.to_numpy()).sum())
+        ev.append(f"grad_norm is non-finite at {len(gbad)} of {len(run.series('grad_norm'))} logged steps "
+                  f"({g_nan} NaN, {len(gbad) - g_nan} Inf; steps {steps_list(gbad.index)})")
+        first, last = min(first, int(gbad.index[0])), max(last, int(gbad.index[-1]))
+    return [finding(
+        Severity.CRITICAL, f"Non-finite loss: {', '.join(names)} became NaN/Inf (first at step {first_loss})",
+        evidence=ev, fix_detail=f"The first non-finite loss here is at step {first_loss}.",
+        steps=(first, last), metrics=names + (("grad_norm",) if not gbad.empty else ()))]
 
-    loss_lines: list[str] = []
-    loss_steps: list[int] = []
-    loss_metrics: list[str] = []
-    for metric in _loss_metrics(run):
-        s = run.series(metric)
-        bad = ~np.isfinite(s.to_numpy(dtype="float64"))
-        if not bad.any():
-            continue
-        bs = s[bad]
-        n_nan = int(np.isnan(bs.to_numpy()).sum())
-        kinds = ", ".join(k for k, n in (("NaN", n_nan), ("Inf", len(bs) - n_nan)) if n)
-        line = (f"{metric} is non-finite ({kinds}) at {len(bs)} of {len(s)} logged steps "
-                f"(first step {int(bs.index[0])}, last step {int(bs.index[-1])})")
-        fin = s[~bad]
-        before = fin[fin.index < bs.index[0]]
-        if not before.empty:
-            line += f"; last finite value {fmt(before.iloc[-1])} at step {int(before.index[-1])}"
-        if not fin[fin.index > bs.index[-1]].empty:
-            line += "; finite again afterwards"
-        loss_lines.append(line)
-        loss_steps += [int(bs.index[0]), int(bs.index[-1])]
-        loss_metrics.append(metric)
 
+# ---- HD305/HD306: a non-finite gradient norm under a finite loss ------------------------------------
+
+def _bad_grad_evidence(run: Run, pts: pd.Series, kind: str) -> list[str]:
     grad = run.series("grad_norm")
-    gbad = grad[~np.isfinite(grad.to_numpy(dtype="float64"))]
-    gbad = gbad[~gbad.index.isin(list(masked))]
-    g_nan = int(np.isnan(gbad.to_numpy()).sum())
-    g_inf = int(len(gbad) - g_nan)
-    g_line = None
-    if len(gbad):
-        g_line = (f"grad_norm is non-finite at {len(gbad)} of {len(grad)} logged steps "
-                  f"({g_nan} NaN, {g_inf} Inf; first step {int(gbad.index[0])}, last step {int(gbad.index[-1])}"
-                  f"; steps {_steps_text(gbad.index)})")
-
-    if loss_lines:
-        ev = loss_lines + ([g_line] if g_line else [])
-        first, last = min(loss_steps), max(loss_steps)
-        if g_line:
-            first, last = min(first, int(gbad.index[0])), max(last, int(gbad.index[-1]))
-        out.append(finding(
-            Severity.CRITICAL,
-            f"Non-finite loss: {', '.join(loss_metrics)} became NaN/Inf (first at step {min(loss_steps)})",
-            evidence=ev,
-            explanation=(
-                "A NaN/Inf loss means the forward pass overflowed or divided by zero; its gradient is "
-                "NaN too, and without an fp16 grad scaler to skip the step the optimizer writes NaN into "
-                "every weight, so every later step and checkpoint is broken. Typical causes: a learning "
-                "rate too high, fp16 overflow, or a batch in which every label is -100 (for Higgs Audio, "
-                "a sample whose label_audio_ids are all masked), which makes a mean cross-entropy 0/0."),
-            fix=(
-                "Lower learning_rate, keep max_grad_norm=1.0, train with bf16=True rather than fp16=True, "
-                "set logging_nan_inf_filter=False to see each bad step, and compute the loss as "
-                "ce_sum / valid.sum().clamp(min=1). Resume only from a checkpoint saved before step "
-                f"{min(loss_steps)}."),
-            steps=(first, last),
-            metrics=tuple(loss_metrics) + (("grad_norm",) if g_line else ()),
-        ))
-        return out
-
-    if g_line:
-        share = len(gbad) / max(1, len(grad))
-        loss = run.series("loss")
-        loss_ok = loss.empty or bool(np.isfinite(loss.to_numpy()).all())
-        if g_nan == 0:
-            sev = Severity.WARNING if share >= t.nonfinite_critical_share else Severity.INFO
-        else:
-            sev = Severity.CRITICAL if share >= t.nonfinite_critical_share else Severity.WARNING
-        ev = [g_line]
-        if not loss.empty:
-            ev.append("loss stays finite at every logged step" if loss_ok else "loss is non-finite too")
-        if run.arg("fp16") is not None:
-            ev.append(f"TrainingArguments.fp16 = {run.arg('fp16')}, bf16 = {run.arg('bf16')}")
-        if g_nan == 0:
-            title = f"grad_norm is Inf at {g_inf} logged step(s): fp16 overflow steps skipped by the grad scaler"
-            expl = ("An Inf gradient norm with a finite loss around it is what fp16 mixed precision logs when "
-                    "the loss scale is too large: the GradScaler detects the overflow, skips that optimizer "
-                    "step and halves the scale. A few such steps (often at the start) are normal; many mean "
-                    "the scaler keeps skipping updates.")
-            fix = ("Nothing to do for a few early steps. If they recur, train with bf16=True instead of "
-                   "fp16=True or lower learning_rate.")
-        else:
-            title = f"grad_norm is NaN at {g_nan} logged step(s) while the loss stays finite"
-            expl = ("A NaN gradient norm with a finite loss means the backward pass produced NaN/Inf. Under "
-                    "fp16 the grad scaler skips such a step (the update is lost, training continues); under "
-                    "bf16/fp32 a NaN gradient would reach the weights, so check that the loss stays finite "
-                    "after these steps. On many steps, training is effectively stalled.")
-            fix = ("Use bf16=True instead of fp16=True if the hardware supports it, lower learning_rate, keep "
-                   "max_grad_norm=1.0, and look for batches with extreme inputs or no valid label at these "
-                   "steps.")
-        out.append(finding(sev, title, evidence=ev, explanation=expl, fix=fix,
-                           steps=(int(gbad.index[0]), int(gbad.index[-1])), metrics=("grad_norm",)))
-    return out
+    ev = [f"grad_norm is {kind} at {len(pts)} of {len(grad)} logged steps (first step {int(pts.index[0])}, "
+          f"last step {int(pts.index[-1])}; steps {steps_list(pts.index)})"]
+    if not run.series("loss").empty:
+        ev.append("loss stays finite at every logged step")
+    if run.arg("fp16") is not None:
+        ev.append(f"TrainingArguments.fp16 = {run.arg('fp16')}, bf16 = {run.arg('bf16')}")
+    return ev
 
 
-# The links from no-learning, plateau and divergence to HD302/HD301 are declared next to those
-# symptoms, in optimisation.py.
+def _grad_points(run: Run, nan: bool) -> pd.Series | None:
+    """The unexplained NaN (``nan``) or Inf grad_norm points when every logged loss is finite, else None."""
+    gbad = _unmasked_bad_grad(run)
+    if gbad.empty or _nonfinite_losses(run):
+        return None  # a non-finite loss is HD301's, with these points in its evidence
+    pts = gbad[np.isnan(gbad.to_numpy()) == nan]
+    return pts if not pts.empty else None
 
-# The NaN explains the frozen or zero loss (not the other way round): when the non-finite values are
-# visible in some series (audio_loss, eval_loss, text_loss: the Trainer filters only `loss`), HD301 is
-# the root cause and HD302 the symptom that hid it. When only grad_norm shows the NaN, HD301 leaves
-# those points to HD302, which then stands alone.
+
+@check("HD305", "non-finite", rank=12, thresholds=("nonfinite_critical_share",))
+def nan_grad_norm(run: Run, t: Thresholds) -> list[Finding]:
+    """grad_norm is NaN at logged steps while every logged loss stays finite.
+
+    What it detects: NaN `grad_norm` values at steps where the logged loss does not hide them (those are
+    HD302/HD303's) while no loss series is non-finite (that is HD301). A warning; critical when at
+    least `nonfinite_critical_share` of the logged `grad_norm` points are NaN.
+
+    Why it happens: The backward pass produced NaN/Inf while the forward loss was finite: fp16 overflow in
+    the gradients, a learning rate too high, a batch with extreme inputs, or a custom loss whose
+    gradient is undefined (a square root or log at 0, a division by a count of zero valid labels).
+    Under fp16 the grad scaler skips such a step (the update is lost, training continues); under bf16
+    or fp32 a NaN gradient would reach the weights, so check that the loss stays finite after these
+    steps. On many steps training is effectively stalled.
+
+    Example: grad_norm is NaN at 2 of 100 logged steps (first step 21, last step 71); the loss stays finite
+    at every logged step.
+
+    Fix: Use `bf16=True` instead of `fp16=True` if the hardware supports it, lower `learning_rate`, keep
+    `max_grad_norm=1.0`, and look for batches with extreme inputs or no valid label at these steps.
+    """
+    pts = _grad_points(run, nan=True)
+    if pts is None:
+        return []
+    share = len(pts) / max(1, len(run.series("grad_norm")))
+    sev = Severity.CRITICAL if share >= t.nonfinite_critical_share else Severity.WARNING
+    return [finding(sev, f"grad_norm is NaN at {len(pts)} logged step(s) while the loss stays finite",
+                    evidence=_bad_grad_evidence(run, pts, "NaN"),
+                    steps=(int(pts.index[0]), int(pts.index[-1])), metrics=("grad_norm",))]
+
+
+@check("HD306", "non-finite", rank=12, thresholds=("nonfinite_critical_share",))
+def inf_grad_norm(run: Run, t: Thresholds) -> list[Finding]:
+    """grad_norm is Inf with a finite loss: fp16 overflow steps that the grad scaler skipped.
+
+    What it detects: Inf (not NaN) `grad_norm` values while every logged loss stays finite. Info; a warning
+    when at least `nonfinite_critical_share` of the logged `grad_norm` points are Inf (the scaler keeps
+    skipping updates).
+
+    Why it happens: Under fp16 mixed precision the loss is multiplied by a scale before backward; when the
+    scale is too large the gradients overflow. The GradScaler detects the overflow, skips that
+    optimizer step and halves the scale, and the Trainer logs the Inf norm. A few such steps (often at
+    the start, while the scale settles) are normal; many mean a large share of the updates is lost.
+
+    Example: grad_norm is Inf at 1 of 100 logged steps (step 4); the loss stays finite at every logged step.
+
+    Fix: Nothing to do for a few early steps. If they recur, train with `bf16=True` instead of
+    `fp16=True`, or lower `learning_rate`.
+    """
+    pts = _grad_points(run, nan=False)
+    if pts is None:
+        return []
+    share = len(pts) / max(1, len(run.series("grad_norm")))
+    sev = Severity.WARNING if share >= t.nonfinite_critical_share else Severity.INFO
+    return [finding(sev, f"grad_norm is Inf at {len(pts)} logged step(s): fp16 overflow steps skipped by the "
+                         "grad scaler",
+                    evidence=_bad_grad_evidence(run, pts, "Inf"),
+                    steps=(int(pts.index[0]), int(pts.index[-1])), metrics=("grad_norm",))]
+
+
+# The links from no-learning, plateau and divergence to the masked-loss rules and HD301 are declared next
+# to those symptoms, in optimisation.py.
+
+# The NaN explains the zero, frozen or constant loss (not the other way round): when the non-finite values
+# are visible in some series (audio_loss, eval_loss, text_loss: the Trainer filters only `loss`), HD301 is
+# the root cause and the rule that found the mask is the symptom that hid it. When only grad_norm shows
+# the NaN, HD301 leaves those points to HD302/HD303, which then stand alone.
 causes("HD302", "HD301")
+causes("HD303", "HD301")
+causes("HD304", "HD301")

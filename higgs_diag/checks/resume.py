@@ -1,85 +1,246 @@
-"""Resume discontinuities: restarts, re-logged steps, missing log stretches, mixed runs in one folder."""
+"""Discontinuities in the logs: a resumed run re-logging steps (HD701), epoch resets (HD703), stretches with
+no log (HD704), and two runs sharing one folder (HD705).
+
+Everything here is linear (or n log n) in the number of logged points, however often the steps go back:
+a log whose steps go back at every other entry still reads in one pass.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from ..config import Thresholds
 from ..diagnosis import Finding, Severity
 from ..run.model import Run
-from . import check, finding
+from . import causes, check, finding
 from ._util import finite, fmt
 
+_LIST = 6  # restart points / resets / gaps listed as evidence
 
-def _restarts(run: Run) -> list[tuple[str, str, int, int, int, bool]]:
-    """(file, metric, last step before, first step after, steps logged again, from scratch) for every
-    place where a file's sequence of steps goes back: a `segment` boundary set by the reader, or,
-    without one, a step lower than the one before it in the file's order; and across event files of the
-    same source. "From scratch" when the new session starts at or before the first step of the previous
-    one (a new run in the same logging dir rather than a resume from a checkpoint)."""
-    df = run.scalars
-    if df.empty:
+
+@dataclass(frozen=True)
+class _Restart:
+    """A place where the logged steps go back: in one file (``where`` is the file) or from one event file to
+    the next of the same source (``a -> b``)."""
+
+    where: str
+    metric: str
+    before: int  # the highest step logged before it
+    after: int  # the first (lowest) step of the new session
+    relogged: int  # points of the new session at steps an earlier session had logged
+    from_scratch: bool  # the new session starts at or before the first step of the earlier ones
+
+    def line(self) -> str:
+        return (f"{self.where}: {self.metric} steps go back from {self.before} to {self.after}"
+                + (f" ({self.relogged} logged step(s) logged again)" if self.relogged else "")
+                + ("; it starts over: a new run in the same logging dir" if self.from_scratch else "; a resume"))
+
+
+def _session_restarts(where: str, metric: str, steps: np.ndarray, segs: np.ndarray) -> list[_Restart]:
+    """The restarts of one file's sequence of ``steps`` (in reading order), split into sessions by ``segs``
+    (the reader's segment numbers; without them, +1 wherever the step goes back). Session k is compared
+    with every session numbered below it, all in O(n log n)."""
+    if not segs.any():
+        segs = np.concatenate(([0], np.cumsum(np.diff(steps) < 0))) if len(steps) else segs
+    if len(steps) == 0 or segs.max() == 0:
         return []
+    d = pd.DataFrame({"step": steps, "seg": segs})
+    agg = d.groupby("seg", sort=True)["step"].agg(["min", "max"])
+    prev_max = agg["max"].cummax().shift(1)
+    prev_min = agg["min"].cummin().shift(1)
+    # a point is logged again when an earlier session logged the same step
+    first_seg = d.groupby("step")["seg"].transform("min")
+    relogged = (first_seg < d["seg"]).groupby(d["seg"]).sum()
     out = []
-    for file, fdf in df.groupby("file", sort=False):
-        # the train loss is the clearest trace of a session; else the most logged metric (not epoch,
-        # which train and eval entries both log at the same step)
-        metrics = fdf["metric"].value_counts()
-        metrics = metrics[metrics.index != "epoch"]
-        if metrics.empty:
+    for k, lo, pmax, pmin, rl in zip(agg.index, agg["min"], prev_max, prev_min, relogged.reindex(agg.index)):
+        if pd.isna(pmax):  # the first session
             continue
-        metric = "loss" if "loss" in metrics.index else str(metrics.index[0])
-        sub = fdf[fdf["metric"] == metric]
-        steps = sub["step"].to_numpy()
-        segs = sub["segment"].to_numpy() if "segment" in sub.columns else np.zeros(len(sub), dtype=int)
-        if len(segs) and segs.max() > 0:
-            for k in sorted(set(int(x) for x in segs if x > 0)):
-                prev = steps[segs < k]
-                cur = steps[segs == k]
-                if len(prev) == 0 or len(cur) == 0:
-                    continue
-                relogged = int(np.isin(cur, prev).sum())
-                out.append((str(file), metric, int(prev.max()), int(cur.min()), relogged,
-                            bool(cur.min() <= prev.min())))
-            continue
-        for i in range(1, len(steps)):
-            if steps[i] < steps[i - 1]:
-                prev = steps[:i]
-                nxt = steps[i:]
-                down = np.where(np.diff(nxt) < 0)[0]
-                cur = nxt[: int(down[0]) + 1] if len(down) else nxt
-                out.append((str(file), metric, int(steps[i - 1]), int(steps[i]), int(np.isin(cur, prev).sum()),
-                            bool(steps[i] <= steps[0])))
-    # a resumed run usually writes a new event file: the train loss of a later file of the same source
-    # starting at or below the last step of an earlier one is the same restart, across files
-    tl = df[df["metric"] == "loss"]
-    for _source, sdf in tl.groupby("source", sort=False):
-        files = list(dict.fromkeys(sdf["file"].tolist()))  # in reading order
-        for a, b in zip(files, files[1:]):
-            sa = sdf.loc[sdf["file"] == a, "step"].to_numpy()
-            sb = sdf.loc[sdf["file"] == b, "step"].to_numpy()
-            if len(sa) and len(sb) and sb.min() <= sa.max():
-                out.append((f"{_name(a)} -> {_name(b)}", "loss", int(sa.max()), int(sb.min()),
-                            int(np.isin(sb, sa).sum()), bool(sb.min() <= sa.min())))
+        out.append(_Restart(where, metric, int(pmax), int(lo), int(rl), bool(lo <= pmin)))
     return out
 
 
-def _name(path: str) -> str:
+def _file_metric(counts: pd.Series) -> str | None:
+    """The series that traces a file's sessions: the train loss, else its most logged metric (not epoch,
+    which train and eval entries both log at the same step)."""
+    counts = counts[(counts.index != "epoch") & (counts > 0)]
+    if counts.empty:
+        return None
+    return "loss" if "loss" in counts.index else str(counts.sort_values(ascending=False, kind="stable").index[0])
+
+
+def _restarts(run: Run) -> list[_Restart]:
+    """Every place where the logged steps go back: within each file (a ``segment`` boundary set by the
+    reader, or a step lower than the one before it in reading order), and for the train loss from one
+    file to the next of the same source (a resumed run usually writes a new event file)."""
+    df = run.scalars
+    if df.empty:
+        return []
+    groups = df.groupby(["file", "metric"], sort=False, observed=True).indices  # positions, in reading order
+    by_file: dict = {}
+    for (file, metric), pos in groups.items():
+        by_file.setdefault(file, {})[metric] = pos
+    step_col = df["step"].to_numpy()
+    seg_col = df["segment"].to_numpy() if "segment" in df.columns else np.zeros(len(df), dtype=np.int64)
+    out: list[_Restart] = []
+    for file, metrics in by_file.items():
+        metric = _file_metric(pd.Series({m: len(p) for m, p in metrics.items()}))
+        if metric is not None:
+            pos = metrics[metric]
+            out += _session_restarts(str(file), metric, step_col[pos], seg_col[pos])
+    out += _cross_file_restarts(df)
+    return out
+
+
+def _cross_file_restarts(df: pd.DataFrame) -> list[_Restart]:
+    """A later file of one source whose train-loss steps start at or below the last step of the file read
+    before it."""
+    tl = df[df["metric"] == "loss"]
+    if tl.empty:
+        return []
+    steps = tl["step"].to_numpy()
+    groups = tl.groupby(["source", "file"], sort=False, observed=True).indices
+    by_source: dict = {}
+    for (source, file), pos in sorted(groups.items(), key=lambda kv: kv[1][0]):  # files in reading order
+        by_source.setdefault(source, []).append((file, steps[pos]))
+    out = []
+    for files in by_source.values():
+        for (a, sa), (b, sb) in zip(files, files[1:]):
+            if sb.min() <= sa.max():
+                out.append(_Restart(f"{_name(a)} -> {_name(b)}", "loss", int(sa.max()), int(sb.min()),
+                                    int(np.isin(sb, sa).sum()), bool(sb.min() <= sa.min())))
+    return out
+
+
+def _name(path) -> str:
     parts = str(path).replace("\\", "/").split("/")
     return "/".join(parts[-2:])
 
 
-def _epoch_resets(run: Run) -> list[tuple[int, float, int, float]]:
-    e = finite(run.series("epoch"))
-    if len(e) < 2:
+def _restart_lines(rs: list[_Restart]) -> list[str]:
+    ev = [r.line() for r in rs[:_LIST]]
+    if len(rs) > _LIST:
+        ev.append(f"... {len(rs) - _LIST} more restart point(s)")
+    return ev
+
+
+@check("HD701", "resume-discontinuity", rank=70)
+def resumed_run(run: Run, t: Thresholds) -> list[Finding]:
+    """The logs hold a resumed run: steps between its last checkpoint and the restart are logged twice.
+
+    What it detects: A file whose sequence of steps goes back (a `segment` boundary found by the reader, or
+    a step lower than the one before it in reading order), or a later event file of the same source
+    whose train-loss steps start at or below the last step of an earlier one, where the new session
+    continues from inside the earlier one (one that starts over from its first step is a second run:
+    HD705). Info: a fact about the logs that changes how the curves should be read.
+
+    Why it happens: `resume_from_checkpoint` continues from the last saved checkpoint, not from the step
+    where the run stopped: the steps in between are trained and logged a second time, and TensorBoard
+    appends the new session to the same tags (or writes a new event file next to the old one). Where a
+    step was logged twice, the later session's value is used, so the curves mix sessions.
+
+    Example: runs/.../events.out.tfevents...: loss steps go back from 1500 to 1010 (50 logged step(s)
+    logged again); a resume.
+
+    Fix: Nothing is wrong by itself: read the curve per session (higgs-diag keeps the later value of a
+    twice-logged step). Save more often (`save_steps`) so less is re-done; with transformers 4.46 under
+    torch >= 2.6, resuming fails on `rng_state.pth` (weights-only unpickling, HD702), so pin torch < 2.6
+    or upgrade transformers before relying on `resume_from_checkpoint`.
+    """
+    rs = [r for r in _restarts(run) if not r.from_scratch]
+    if not rs:
         return []
-    d = e.diff()
-    resets = []
-    for s in d.index[d < -1e-6]:
-        i = e.index.get_loc(s)
-        resets.append((int(e.index[i - 1]), float(e.iloc[i - 1]), int(s), float(e.iloc[i])))
-    return resets
+    first, last = min(r.after for r in rs), max(r.before for r in rs)
+    relogged = sum(r.relogged for r in rs)
+    return [finding(
+        Severity.INFO,
+        f"Resumed run: the logged steps go back {len(rs)} time(s) and {relogged} logged step(s) appear twice",
+        evidence=_restart_lines(rs), steps=(min(first, last), max(first, last)),
+        metrics=tuple(sorted({r.metric for r in rs})))]
+
+
+@check("HD705", "mixed-runs", rank=69)
+def runs_share_a_folder(run: Run, t: Thresholds) -> list[Finding]:
+    """Two or more different runs share one folder: their logs or checkpoints are mixed.
+
+    What it detects: Logged steps that start over at or before the first step of the earlier session (in
+    one file, or in a later event file of the same source): a new run from the beginning rather than
+    a resume; or checkpoints of one output_dir whose trainer states disagree on `max_steps`,
+    `logging_steps` or `train_batch_size`. Info.
+
+    Why it happens: Reusing an `output_dir` (or `logging_dir`) for a new run or a new configuration appends
+    its logs to the old run's and saves its checkpoints next to the old ones. The merged curves, the
+    latest checkpoint and `best_model_checkpoint` may then come from different runs.
+
+    Example: runs/b/events.2: loss steps go back from 500 to 10 (50 logged step(s) logged again); it
+    starts over: a new run in the same logging dir.
+
+    Fix: Use a new `output_dir` per run and configuration (or `overwrite_output_dir=True` to start clean);
+    to continue a run, use `resume_from_checkpoint=True` in the same output_dir; analyse one run's logs
+    and checkpoints at a time.
+    """
+    scratch = [r for r in _restarts(run) if r.from_scratch]
+    configs = _checkpoint_configs(run)
+    if not scratch and len(configs) < 2:
+        return []
+    ev = _restart_lines(scratch)
+    for desc, paths in configs.items():
+        ev.append(f"checkpoints with {desc}: " + ", ".join(paths[:4])
+                  + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else ""))
+    how = [w for w, c in (("the logged steps start over", scratch), ("the checkpoints disagree on the "
+                          "configuration", len(configs) >= 2)) if c]
+    n = max(len(scratch) + 1, len(configs))
+    steps = (min(r.after for r in scratch), max(r.before for r in scratch)) if scratch else None
+    return [finding(
+        Severity.INFO, f"{n} different runs share this folder: {' and '.join(how)}", evidence=ev,
+        steps=(min(steps), max(steps)) if steps else None,
+        metrics=tuple(sorted({r.metric for r in scratch})))]
+
+
+def _checkpoint_configs(run: Run) -> dict[str, list[str]]:
+    """The distinct (max_steps, logging_steps, train_batch_size) of the read trainer states, described, with
+    the files of each; only those that know at least one of them."""
+    keys = ("max_steps", "logging_steps", "train_batch_size")
+    sigs: dict[tuple, list[str]] = {}
+    for s in run.states:
+        if s is not None:
+            sigs.setdefault(tuple(getattr(s, k) for k in keys), []).append(s.path)
+    return {", ".join(f"{k}={v}" for k, v in zip(keys, sig) if v is not None): paths
+            for sig, paths in sigs.items() if any(v is not None for v in sig)}
+
+
+@check("HD703", "resume-discontinuity", rank=71)
+def epoch_resets(run: Run, t: Thresholds) -> list[Finding]:
+    """The epoch counter goes back while the step keeps increasing.
+
+    What it detects: Logged `epoch` values that go down from one logged step to the next. Info: per-epoch
+    reasoning does not hold across these points.
+
+    Why it happens: The epoch counter restarted while the global step continued: the run was resumed (a
+    streaming IterableDataset restarts its epoch count on resume, or the data loader was rebuilt) or a
+    second training session appended to the same logs. Per-epoch reasoning ("the loss drops at each
+    new epoch") does not hold across these points, and the data order after each reset may repeat
+    samples already seen.
+
+    Example: epoch 2.98 at step 5000 -> 0.0 at step 5100.
+
+    Fix: Nothing to fix by itself; with a streaming dataset, set `max_steps` and read progress by step. If
+    the data should not repeat, resume with the data-skipping default (`ignore_data_skip=False`).
+    """
+    e = finite(run.series("epoch"))
+    v = e.to_numpy()
+    idx = np.flatnonzero(np.diff(v) < -1e-6) if len(v) >= 2 else np.zeros(0, dtype=int)
+    if not len(idx):
+        return []
+    steps = e.index.to_numpy()
+    ev = [f"epoch {fmt(v[i])} at step {int(steps[i])} -> {fmt(v[i + 1])} at step {int(steps[i + 1])}"
+          for i in idx[:_LIST]]
+    if len(idx) > _LIST:
+        ev.append(f"... {len(idx) - _LIST} more")
+    return [finding(Severity.INFO, f"epoch goes back {len(idx)} time(s) while the step keeps increasing",
+                    evidence=ev, steps=(int(steps[idx[0]]), int(steps[idx[-1] + 1])), metrics=("epoch",))]
 
 
 def _logging_steps(run: Run) -> float | None:
@@ -94,131 +255,43 @@ def _logging_steps(run: Run) -> float | None:
     return float(ls)
 
 
-@check("HD701", "resume-discontinuity", rank=70)
-def resume_discontinuity(run: Run, t: Thresholds) -> list[Finding]:
-    """The logs show a resumed or restarted run: steps logged twice, epoch resets, missing stretches.
+@check("HD704", "resume-discontinuity", rank=72, thresholds=("trend_min_points", "resume_gap_factor"))
+def log_gaps(run: Run, t: Thresholds) -> list[Finding]:
+    """Stretches of steps with no training log.
 
-    What it detects: (a) A file whose step sequence goes back (a resumed run re-logging steps it had already
-    logged, or a `segment` boundary found by the reader); (b) `epoch` going down while
-    `step` goes up; (c) gaps in the train-loss steps larger than `resume_gap_factor` x
-    `logging_steps`; (d) checkpoints of one output_dir whose trainer states disagree on
-    `max_steps`, `logging_steps` or `train_batch_size` (two runs sharing a folder). Info: these
-    are facts about the logs that change how the curves should be read.
+    What it detects: Gaps between consecutive train-loss steps larger than `resume_gap_factor` x
+    `logging_steps` (the median spacing when `logging_steps` is unknown), in a run with at least
+    `trend_min_points` logged points. Info.
 
-    Why it happens: `resume_from_checkpoint` restarts from the last saved step, so the steps between that
-    checkpoint and the crash are trained and logged again; TensorBoard appends the new session to the
-    same tags. A streaming (IterableDataset) run restarts its epoch counter on resume. Logs between a
-    crash and the last checkpoint are lost when the folder is reused. Reusing an `output_dir` for a
-    new configuration mixes checkpoints of different runs.
+    Why it happens: Logs written between the last checkpoint and a crash were lost when the run was resumed
+    elsewhere, an event file is missing, or `logging_steps` changed between sessions. Anything that
+    happened in those stretches (a NaN, a spike) is invisible.
 
-    Example: runs/.../events.out.tfevents...: loss steps go back from 1500 to 1001 (500 steps logged twice);
-    epoch resets from 2.98 at step 5000 to 0.0 at step 5100.
+    Example: loss is logged every 10 steps (logging_steps), but not between steps 500 and 1000; about 49
+    expected log points missing.
 
-    Fix: Nothing is wrong by itself: read the curve per session (higgs-diag keeps the later value of a
-    twice-logged step). Use a new `output_dir` per configuration; with transformers 4.46 under
-    torch >= 2.6, resuming fails on `rng_state.pth` (weights-only unpickling), so pin torch < 2.6 or
-    upgrade transformers before relying on `resume_from_checkpoint`.
+    Fix: Keep every session's logs (one `logging_dir` per run under `output_dir/runs`) and pass them all
+    to higgs-diag; keep `logging_steps` constant across resumes.
     """
-    out: list[Finding] = []
-
-    rs = _restarts(run)
-    if rs:
-        ev = []
-        for file, metric, before, after, relogged, scratch in rs[:6]:
-            ev.append(f"{file}: {metric} steps go back from {before} to {after}"
-                      + (f" ({relogged} logged step(s) logged again)" if relogged else "")
-                      + ("; it starts over: a new run in the same logging dir" if scratch else "; a resume"))
-        if len(rs) > 6:
-            ev.append(f"... {len(rs) - 6} more restart point(s)")
-        first = min(r[3] for r in rs)
-        last = max(r[2] for r in rs)
-        n_scratch = sum(1 for r in rs if r[5])
-        kinds = ", ".join(k for k in (f"{len(rs) - n_scratch} resume(s)" if len(rs) > n_scratch else "",
-                                      f"{n_scratch} new run(s) from the start" if n_scratch else "") if k)
-        out.append(finding(
-            Severity.INFO,
-            f"Several training sessions in the logs: the step sequence restarts {len(rs)} time(s) ({kinds})",
-            evidence=ev,
-            explanation=(
-                "A resumed run continues from its last checkpoint, not from the step where it stopped: the steps "
-                "in between are trained and logged a second time, and both sessions sit in the same log. A run "
-                "started again from the beginning in the same logging dir does the same with every step. Where a "
-                "step was logged twice, the later session's value is used, so the curves mix sessions."),
-            fix=("Nothing to fix for a resume. Give each new run its own output_dir/logging_dir so its curves are "
-                 "not merged with an older run's; to resume, use resume_from_checkpoint=True in the same output_dir "
-                 "and save more often (save_steps) so less is re-done; with transformers 4.46 under torch >= 2.6 "
-                 "resuming fails on rng_state.pth (weights-only unpickling)."),
-            steps=(min(first, last), max(first, last)),
-            metrics=tuple(sorted({r[1] for r in rs}))))
-
-    er = _epoch_resets(run)
-    if er:
-        ev = [f"epoch {fmt(e0)} at step {s0} -> {fmt(e1)} at step {s1}" for s0, e0, s1, e1 in er[:6]]
-        if len(er) > 6:
-            ev.append(f"... {len(er) - 6} more")
-        out.append(finding(
-            Severity.INFO,
-            f"epoch goes back {len(er)} time(s) while the step keeps increasing",
-            evidence=ev,
-            explanation=(
-                "The epoch counter restarted while the global step continued: the run was resumed (a streaming "
-                "IterableDataset restarts its epoch count, or the data loader was rebuilt) or a second training "
-                "session appended to the same logs. Per-epoch reasoning (\"loss drops at each new epoch\") does not "
-                "hold across these points, and the data order after each reset may repeat samples already seen."),
-            fix=("Nothing to fix by itself; with a streaming dataset, set max_steps and read progress by step. If the "
-                 "data should not repeat, resume with the data-skipping default (ignore_data_skip=False)."),
-            steps=(er[0][0], er[-1][2]), metrics=("epoch",)))
-
     loss = run.series("loss")
+    if len(loss) < t.trend_min_points:
+        return []
     ls = _logging_steps(run)
-    if len(loss) >= t.trend_min_points:
-        steps = loss.index.to_numpy()
-        diffs = np.diff(steps)
-        expected = ls if ls else float(np.median(diffs)) if len(diffs) else None
-        if expected and expected > 0:
-            big = np.where(diffs > t.resume_gap_factor * expected)[0]
-            if len(big):
-                ev = [f"loss is logged every {fmt(expected)} steps "
-                      f"({'logging_steps' if ls else 'median spacing'}), but not between steps "
-                      + ", ".join(f"{int(steps[i])} and {int(steps[i + 1])}" for i in big[:6])
-                      + (f" (+{len(big) - 6} more)" if len(big) > 6 else "")]
-                missing = int(sum(diffs[i] / expected - 1 for i in big))
-                ev.append(f"about {missing} expected log point(s) missing")
-                out.append(finding(
-                    Severity.INFO,
-                    f"Gaps in the logged steps: {len(big)} stretch(es) with no train log",
-                    evidence=ev,
-                    explanation=(
-                        "Stretches of steps have no training log: logs written between the last checkpoint and a "
-                        "crash were lost when the run was resumed elsewhere, an event file is missing, or "
-                        "logging_steps changed between sessions. Anything that happened in those stretches (a NaN, "
-                        "a spike) is invisible."),
-                    fix=("Keep every session's logs (one logging_dir per run under output_dir/runs) and pass them all "
-                         "to higgs-diag; keep logging_steps constant across resumes."),
-                    steps=(int(steps[big[0]]), int(steps[big[-1] + 1])), metrics=("loss",)))
+    steps = loss.index.to_numpy()
+    diffs = np.diff(steps)
+    expected = ls or float(np.median(diffs))
+    if not expected > 0:
+        return []
+    big = np.flatnonzero(diffs > t.resume_gap_factor * expected)
+    if not len(big):
+        return []
+    ev = [f"loss is logged every {fmt(expected)} steps ({'logging_steps' if ls else 'median spacing'}), but not "
+          "between steps " + ", ".join(f"{int(steps[i])} and {int(steps[i + 1])}" for i in big[:_LIST])
+          + (f" (+{len(big) - _LIST} more)" if len(big) > _LIST else ""),
+          f"about {int(np.sum(diffs[big] / expected - 1))} expected log point(s) missing"]
+    return [finding(Severity.INFO, f"Gaps in the logged steps: {len(big)} stretch(es) with no train log",
+                    evidence=ev, steps=(int(steps[big[0]]), int(steps[big[-1] + 1])), metrics=("loss",))]
 
-    states = [s for s in run.states if s is not None]
-    if len(states) >= 2:
-        keys = ("max_steps", "logging_steps", "train_batch_size")
-        sigs = {}
-        for s in states:
-            sig = tuple(getattr(s, k) for k in keys)
-            sigs.setdefault(sig, []).append(s.path)
-        known = {sig: p for sig, p in sigs.items() if any(v is not None for v in sig)}
-        if len(known) >= 2:
-            ev = []
-            for sig, paths in known.items():
-                desc = ", ".join(f"{k}={v}" for k, v in zip(keys, sig) if v is not None)
-                ev.append(f"{desc}: " + ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else ""))
-            out.append(finding(
-                Severity.INFO,
-                f"Checkpoints from {len(known)} different runs share this output_dir",
-                evidence=ev,
-                explanation=(
-                    "The trainer_state.json files of the checkpoints disagree on max_steps, logging_steps or the batch "
-                    "size: a second run with another configuration wrote into the same output_dir. The latest "
-                    "checkpoint, best_model_checkpoint and the merged history may come from different runs."),
-                fix=("Use a new output_dir per configuration (or overwrite_output_dir=True to start clean); "
-                     "analyse one run's checkpoints at a time."),
-                steps=None, metrics=()))
-    return out
+
+# An epoch counter that restarts is what a resume (or a second run appended to the logs) looks like.
+causes("HD703", "HD701", "HD705")
