@@ -23,6 +23,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c as tb_cr
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked_crc32c
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from higgs_diag.run import bytebuf, tfrecord
 from higgs_diag.run import events as ev
 from higgs_diag.run.events import (
     EventFileResult,
@@ -356,7 +357,7 @@ def test_fast_path_equals_protobuf_path(tmp_path, monkeypatch):
     path = write_with_tensorboard(tmp_path, events * 50)
     fast = read_event_file(path)
     empty = (np.zeros(0, np.int64),) * 3 + (np.zeros(0),) * 2 + (np.zeros(0, np.int64),) * 2
-    monkeypatch.setattr(ev, "_fast_scalars", lambda *a, **k: empty)
+    monkeypatch.setattr(ev, "fast_scalars", lambda *a, **k: empty)
     slow = read_event_file(path)
     pd.testing.assert_frame_equal(fast.scalars, slow.scalars, check_categorical=False)
     np.testing.assert_array_equal(bits(fast.scalars["value"]), bits(slow.scalars["value"]))
@@ -514,7 +515,11 @@ def test_is_event_file():
 
 
 def test_module_does_not_import_torch_or_tensorflow():
-    code = ("import sys; import higgs_diag.run.events as e; "
+    """Neither the reader nor anything else under higgs_diag/run/ (nor the layout module) imports torch."""
+    modules = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "higgs_diag" / "run").glob("*.py"))
+    assert {"events", "crc32c", "tfrecord", "event_proto", "bytebuf"} <= set(modules)
+    code = ("import sys, importlib; import higgs_diag.layout; "
+            f"[importlib.import_module('higgs_diag.run.' + m) for m in {modules!r}]; "
             "assert not any(m == 'torch' or m.startswith(('torch.', 'tensorflow', 'transformers')) for m in sys.modules), "
             "sorted(m for m in sys.modules if m.startswith(('torch', 'tensorflow', 'transformers')))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[1]))
@@ -612,12 +617,12 @@ def test_hypothesis_walk_with_decoy_candidates(records, data):
 
 
 def _check_walk(blob: bytes):
-    F = ev._FRONT
-    buf = np.zeros(F + len(blob) + ev._BACK, dtype=np.uint8)
+    F = bytebuf.FRONT
+    buf = np.zeros(F + len(blob) + bytebuf.BACK, dtype=np.uint8)
     buf[F:F + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
-    starts, lens = ev._walk(buf, F, len(blob))
+    starts, lens = tfrecord.walk(buf, F, len(blob))
     s_ref, l_ref = [], []
-    ev._walk_seq(buf, F, len(blob), 0, s_ref, l_ref)
+    tfrecord.walk_seq(buf, F, len(blob), 0, s_ref, l_ref)
     assert starts.tolist() == s_ref
     assert lens.tolist() == l_ref
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..layout import (ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, LORA_ADAPTERS_DIR, MODEL_CONFIG,
+                      PICKLE_WEIGHTS, SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS, TRAINER_STATE, checkpoint_step_of)
 from .errors import ReplayError
 from .evidence import ModelSource
 from .safetensors_header import read_header
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 ANCHORS = ("audio_codebook_embeddings.weight", "embed_tokens.weight")  # keys every HiggsAudioModel has
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-PICKLE_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
 
 # PEFT's task_type -> the class PeftModel.from_pretrained / get_peft_model builds (peft.mapping).
 PEFT_CLASS_BY_TASK = {
@@ -54,11 +54,11 @@ def _read_json(p: Path, what: str) -> dict[str, Any]:
 
 
 def step_of(folder: Path) -> int | None:
-    for d in (folder, folder.parent):
-        m = CHECKPOINT_RE.match(d.name)
-        if m:
-            return int(m.group(1))
-    ts = folder / "trainer_state.json"
+    """The training step of a checkpoint folder: from its name (or its parent's), else its trainer_state.json."""
+    step = checkpoint_step_of(folder)
+    if step is not None:
+        return step
+    ts = folder / TRAINER_STATE
     if ts.is_file():
         try:
             gs = json.loads(ts.read_text(encoding="utf-8")).get("global_step")
@@ -70,7 +70,7 @@ def step_of(folder: Path) -> int | None:
 
 def weight_files(folder: Path) -> list[Path]:
     """The model weights of a folder: ``model.safetensors`` or the shards of its index; [] when none."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / SAFETENSORS_INDEX
     if index.is_file():
         wm = _read_json(index, "safetensors index").get("weight_map")
         if not isinstance(wm, dict) or not wm:
@@ -82,7 +82,7 @@ def weight_files(folder: Path) -> list[Path]:
                 raise ReplayError(f"{index}: names the shard {name!r}, which is not in {folder}")
             files.append(p)
         return files
-    single = folder / "model.safetensors"
+    single = folder / SAFETENSORS_WEIGHTS
     return [single] if single.is_file() else []
 
 
@@ -155,7 +155,7 @@ class Inspection:
 
 def _find_adapter_config(dirs: list[Path]) -> Path | None:
     for d in dirs:
-        p = d / "adapter_config.json"
+        p = d / ADAPTER_CONFIG
         if p.is_file():
             return p
     return None
@@ -173,7 +173,7 @@ def _resolve_base(name: str | None, adapter_dir: Path, adapter_cfg: Path) -> Pat
     tails = [Path(*p.parts[i:]) for i in range(len(p.parts)) if not Path(*p.parts[i:]).is_absolute()]
     candidates += [a / t for t in tails for a in ancestors]
     for c in candidates:
-        if c.is_dir() and (c / "config.json").is_file():
+        if c.is_dir() and (c / MODEL_CONFIG).is_file():
             return c
     looks_hub = not p.is_absolute() and len(p.parts) == 2 and not name.startswith(".")
     where = "a hub id" if looks_hub else "not a local folder with config.json"
@@ -197,7 +197,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | Non
         folder, files = p, None
     names = sorted(os.listdir(folder))
 
-    adapter_cfg = folder / "adapter_config.json" if files is None else None
+    adapter_cfg = folder / ADAPTER_CONFIG if files is None else None
     if adapter_cfg is not None and adapter_cfg.is_file():
         # higgs_diag.trainer saves a wrapper's full state dict *and* the adapter files into one folder: the
         # self-contained state dict wins (no base needed), the adapter_config.json gives its lora_alpha
@@ -207,9 +207,9 @@ def inspect_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | Non
         files = own
     files = files if files is not None else weight_files(folder)
     if not files:
-        sub = folder / "lora_adapters"
-        if (sub / "adapter_config.json").is_file():
-            return _inspect_adapter(sub, sub / "adapter_config.json", base, run_root)
+        sub = folder / LORA_ADAPTERS_DIR
+        if (sub / ADAPTER_CONFIG).is_file():
+            return _inspect_adapter(sub, sub / ADAPTER_CONFIG, base, run_root)
         pickles = [n for n in PICKLE_WEIGHTS if n in names]
         if pickles:
             raise ReplayError(f"{folder}: holds {pickles[0]}, a pickle; higgs-diag loads weights only from "
@@ -227,14 +227,14 @@ def inspect_checkpoint(path: str | os.PathLike, *, base: str | os.PathLike | Non
     src = ModelSource(path=str(p), kind=kind, model_class="HiggsAudioModel" if kind == "full" else "wrapper",
                       step=step_of(folder), weight_files=[str(f) for f in files], n_tensors=len(keys), prefix=prefix,
                       checkpoint_dtype=_dtype_of(tensors))
-    cfg = folder / "config.json"
+    cfg = folder / MODEL_CONFIG
     if cfg.is_file():
         src.config, src.config_from = _read_json(cfg, "model config"), str(cfg)
         arch = src.config.get("architectures")
         if kind == "full" and isinstance(arch, list) and arch:
             src.model_class = str(arch[0])
     elif base is not None:
-        bcfg = Path(base) / "config.json"
+        bcfg = Path(base) / MODEL_CONFIG
         if not bcfg.is_file():
             raise ReplayError(f"{base}: --base must be a folder with config.json")
         src.config, src.config_from = _read_json(bcfg, "model config"), str(bcfg)
@@ -264,9 +264,9 @@ def _lora_from_state(src: ModelSource, keys: list[str], folder: Path, run_root, 
                           f"replay merges one: save the active adapter alone")
     mods = {parse_lora_key(k).module for k in keys if parse_lora_key(k) is not None}
     src.lora_modules = len(mods)
-    dirs = [folder / "lora_adapters", folder]
+    dirs = [folder / LORA_ADAPTERS_DIR, folder]
     if run_root is not None:
-        dirs += [Path(run_root), Path(run_root) / "lora_adapters"]
+        dirs += [Path(run_root), Path(run_root) / LORA_ADAPTERS_DIR]
     found = _find_adapter_config(dirs)
     if lora_alpha is not None:
         src.lora_alpha, src.lora_alpha_from = float(lora_alpha), "--lora-alpha"
@@ -289,10 +289,10 @@ def _inspect_adapter(adapter_dir: Path, adapter_cfg: Path, base, run_root) -> In
     if cfg.get("use_dora"):
         raise ReplayError(f"{adapter_cfg}: DoRA adapters are not supported; merge it into the base "
                           f"(merge_and_unload) and save a full model")
-    st = adapter_dir / "adapter_model.safetensors"
+    st = adapter_dir / ADAPTER_WEIGHTS
     if not st.is_file():
-        if (adapter_dir / "adapter_model.bin").is_file():
-            raise ReplayError(f"{adapter_dir / 'adapter_model.bin'}: a pickle; higgs-diag loads adapters only from "
+        if (adapter_dir / ADAPTER_PICKLE).is_file():
+            raise ReplayError(f"{adapter_dir / ADAPTER_PICKLE}: a pickle; higgs-diag loads adapters only from "
                               f"adapter_model.safetensors and never unpickles (save_pretrained(safe_serialization=True))")
         raise ReplayError(f"{adapter_dir}: has adapter_config.json but no adapter_model.safetensors")
     tensors = headers([st])
@@ -300,7 +300,7 @@ def _inspect_adapter(adapter_dir: Path, adapter_cfg: Path, base, run_root) -> In
     model_class = PEFT_CLASS_BY_TASK.get(task, f"PeftModel ({task})")
     if base is not None:
         base_dir, base_from = Path(base), "--base"
-        if not (base_dir.is_dir() and (base_dir / "config.json").is_file()):
+        if not (base_dir.is_dir() and (base_dir / MODEL_CONFIG).is_file()):
             raise ReplayError(f"{base_dir}: --base must be a folder with config.json and model.safetensors")
     else:
         base_dir, base_from = _resolve_base(cfg.get("base_model_name_or_path"), adapter_dir, adapter_cfg), \
@@ -315,6 +315,6 @@ def _inspect_adapter(adapter_dir: Path, adapter_cfg: Path, base, run_root) -> In
                       adapter_config_from=str(adapter_cfg), prefix="base_model.model.",
                       lora_rank=cfg.get("r"), lora_alpha=cfg.get("lora_alpha"), lora_alpha_from=str(adapter_cfg),
                       checkpoint_dtype=_dtype_of(tensors))
-    src.config, src.config_from = _read_json(base_dir / "config.json", "model config"), str(base_dir / "config.json")
+    src.config, src.config_from = _read_json(base_dir / MODEL_CONFIG, "model config"), str(base_dir / MODEL_CONFIG)
     src.lora_modules = len({lk.module for lk in (parse_lora_key(k) for k in tensors) if lk is not None})
     return Inspection(source=src, folder=adapter_dir, tensors=tensors, adapter_dir=adapter_dir)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..layout import EVENT_FILE_MARK, LOGGING_DIR, LORA_ADAPTERS_DIR, TRAINER_STATE, has_checkpoint_folders, \
+    is_checkpoint_name
 from .evidence import BatchRecord, LoggedLosses
 
 
@@ -23,15 +25,15 @@ def find_run_root(checkpoint: Path) -> Path | None:
     for ``checkpoint-N/lora_adapters``), or the folder itself when it holds the logs (a final save)."""
     p = checkpoint if checkpoint.is_dir() else checkpoint.parent
     p = p.resolve()
-    if p.name == "lora_adapters":
+    if p.name == LORA_ADAPTERS_DIR:
         p = p.parent
     cands = []
-    if p.name.startswith("checkpoint-") or p.name == "last-checkpoint":
+    if is_checkpoint_name(p.name):
         cands.append(p.parent)
     cands.append(p)
     for c in cands:
-        if (c / "runs").is_dir() or (c / "trainer_state.json").is_file() or any(c.glob("events.out.tfevents.*")) \
-                or any(c.glob("checkpoint-*")):
+        if (c / LOGGING_DIR).is_dir() or (c / TRAINER_STATE).is_file() or any(c.glob(EVENT_FILE_MARK + "*")) \
+                or has_checkpoint_folders(c):
             return c
     return None
 

@@ -3,20 +3,20 @@ a logging folder with only event files, or one trainer_state.json / event file."
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..layout import (EVENT_FILE_MARK, OPTIMIZER, SCHEDULER, TRAINER_STATE, TRAINING_ARGS, checkpoint_step,
+                      is_checkpoint_name, is_event_file, is_rng_state)
 from .model import CheckpointInfo
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _SKIP_DIRS = {".git", "__pycache__", "node_modules", ".ipynb_checkpoints", "wandb"}
 # Files inventoried but never loaded: pickles (arbitrary code on load) and large binaries.
 NOT_READ = {
-    "training_args.bin": "a pickle of TrainingArguments; unpickling runs code, so the `args` text summary "
-                         "in the TensorBoard events is read instead",
-    "optimizer.pt": "optimizer state (pickle), not needed for the diagnosis",
-    "scheduler.pt": "scheduler state (pickle), not needed for the diagnosis",
+    TRAINING_ARGS: "a pickle of TrainingArguments; unpickling runs code, so the `args` text summary "
+                   "in the TensorBoard events is read instead",
+    OPTIMIZER: "optimizer state (pickle), not needed for the diagnosis",
+    SCHEDULER: "scheduler state (pickle), not needed for the diagnosis",
 }
 
 
@@ -24,13 +24,9 @@ class RunReadError(Exception):
     """Raised when nothing at all could be read from the given path (exit code 2)."""
 
 
-def is_event_file(name: str) -> bool:
-    return "events.out.tfevents." in name
-
-
 def _event_sort_key(path: Path) -> tuple:
     # events.out.tfevents.<timestamp>.<host>.<pid>.<n>: order by timestamp, then the trailing counter.
-    parts = path.name.split("events.out.tfevents.", 1)[-1].split(".")
+    parts = path.name.split(EVENT_FILE_MARK, 1)[-1].split(".")
     ts = float(parts[0]) if parts and parts[0].replace(".", "", 1).isdigit() else 0.0
     tail = parts[-1] if parts else ""
     n = int(tail) if tail.isdigit() else 0
@@ -67,18 +63,17 @@ def discover(path: str | os.PathLike, log_files: list[str | os.PathLike] | None 
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
             here = Path(dirpath)
-            m = CHECKPOINT_RE.match(here.name)
-            if m or here.name == "last-checkpoint":
-                files.checkpoints.append(_inventory(here, int(m.group(1)) if m else None))
+            if is_checkpoint_name(here.name):
+                files.checkpoints.append(_inventory(here, checkpoint_step(here.name)))
             for name in sorted(filenames):
                 p = here / name
-                if name == "trainer_state.json":
+                if name == TRAINER_STATE:
                     files.trainer_states.append(p)
                 elif is_event_file(name):
                     files.event_files.append(p)
                 elif name.endswith(".log"):
                     files.log_files.append(p)
-                elif name in NOT_READ or (name.startswith("rng_state") and name.endswith(".pth")):
+                elif name in NOT_READ or is_rng_state(name):
                     files.not_read.append((str(p), NOT_READ.get(name, "RNG state (pickle), not needed")))
         files.checkpoints.sort(key=lambda c: (c.step is None, c.step or 0, c.path))
         files.event_files.sort(key=_event_sort_key)

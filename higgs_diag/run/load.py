@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..layout import is_checkpoint_name
 from .discover import RunFiles, RunReadError, discover
 from .logs import read_log
 from .model import ReadProblem, Run, SCALAR_COLUMNS, empty_scalars
@@ -131,7 +132,7 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
     if results:
         def completeness(r):
             gs = r.info.global_step if r.info.global_step is not None else -1
-            top = Path(r.info.path).parent.name.startswith("checkpoint-") is False
+            top = not is_checkpoint_name(Path(r.info.path).parent.name)
             return (gs, r.info.n_entries, top)
 
         best = max(results, key=completeness)

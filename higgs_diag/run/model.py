@@ -9,11 +9,12 @@ A ``Run`` holds one tidy long scalars DataFrame with columns
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .. import layout
 
 SCALAR_COLUMNS = ["step", "metric", "value", "source", "wall_time", "file", "segment"]
 
@@ -68,39 +69,35 @@ class TrainerStateInfo:
 
 @dataclass
 class CheckpointInfo:
+    """One checkpoint folder: its step (None for ``last-checkpoint``) and its files, relative, ``/``-separated."""
+
     path: str
     step: int | None
     files: list[str]
 
     @property
     def has_trainer_state(self) -> bool:
-        return "trainer_state.json" in self.files
+        return layout.TRAINER_STATE in self.files
 
     @property
     def has_full_model(self) -> bool:
-        return any(
-            f in self.files
-            for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                      "pytorch_model.bin.index.json")
-        )
+        return layout.has_full_model(self.files)
 
     @property
     def has_adapter(self) -> bool:
-        return any(f.startswith("adapter_model.") for f in self.files) or any(
-            f.startswith("lora_adapters/") for f in self.files
-        )
+        return layout.has_adapter(self.files)
 
     @property
     def has_optimizer(self) -> bool:
-        return "optimizer.pt" in self.files
+        return layout.OPTIMIZER in self.files
 
     @property
     def has_training_args_bin(self) -> bool:
-        return "training_args.bin" in self.files
+        return layout.TRAINING_ARGS in self.files
 
     @property
     def rng_state_files(self) -> list[str]:
-        return [f for f in self.files if f.startswith("rng_state") and f.endswith(".pth")]
+        return [f for f in self.files if layout.is_rng_state(f)]
 
 
 @dataclass
