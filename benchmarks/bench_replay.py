@@ -10,12 +10,12 @@ tokens, 300 audio frames with the delay pattern: ~515 positions per sample), wri
 Each measurement runs in a fresh process (wall times from time.perf_counter, RSS and its peak from
 /proc/self/status, the peak reset after loading so that the batch phase is measured on its own):
   paired    the overhead: one process, the model loaded once, every batch twice (2 rounds), alternating
-            "bare" (read the file + model(**batch) under inference_mode) and "replay" (replay_one: read,
+            "bare" (read the file + model(**batch) under inference_mode) and "replay" (measure_one: read,
             the trainer's validation and statistics, forward, model checks, logged losses); the ratio of
             each pair survives other load on a shared machine
   bare      load the model (the replay's loader), read all batches into memory, then time
             `model(**batch)` under torch.inference_mode for every batch
-  replay    higgs_diag.replay.replay_evidence(checkpoint, batch folder): per batch, read the file
+  replay    higgs_diag.replay.api.measure(checkpoint, batch folder): per batch, read the file
             (weights-only), run the trainer's batch validation and statistics, forward, the model checks
             (shifted/unshifted CE per codebook, copy rates, finiteness), the logged-loss lookup
 
@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from higgs_diag.config import ReplayOptions
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -141,10 +143,10 @@ def child(mode: str) -> dict:
     if mode == "paired":  # same process, alternating: the ratio survives a noisy, shared machine
         from higgs_diag.batch import BatchSpec, load_batch
         from higgs_diag.config import Thresholds
-        from higgs_diag.replay.api import load_checkpoint, replay_one
+        from higgs_diag.replay.api import load_checkpoint, measure_one
         from higgs_diag.replay.measure import forward_params
 
-        model, source = load_checkpoint(CKPT, device="cpu", dtype="float32")
+        model, source = load_checkpoint(CKPT, options=ReplayOptions(device="cpu", dtype="float32"))
         spec, params, dev = BatchSpec.from_config(source.config), forward_params(model), torch.device("cpu")
         files = sorted(BATCHES.iterdir())
         bare, rep, checks = [], [], []
@@ -159,7 +161,7 @@ def child(mode: str) -> dict:
                         del batch
                         bare.append(time.perf_counter() - t)
                     else:
-                        rec = replay_one(f, spec, Thresholds(), model, dev, torch.float32, params)
+                        rec = measure_one(f, spec, Thresholds(), model, dev, torch.float32, params)
                         rep.append(time.perf_counter() - t)
                         checks.append(rec.model.check_seconds)
         out.update(bare_s=bare, replay_s=rep, check_s=checks)
@@ -167,7 +169,7 @@ def child(mode: str) -> dict:
         from higgs_diag.batch import load_batch
         from higgs_diag.replay.api import load_checkpoint
 
-        model, _ = load_checkpoint(CKPT, device="cpu", dtype="float32")
+        model, _ = load_checkpoint(CKPT, options=ReplayOptions(device="cpu", dtype="float32"))
         out["load_s"] = time.perf_counter() - t0
         out["rss_after_load_mb"] = _status("VmRSS")
         batches = [load_batch(p)[0] for p in sorted(BATCHES.iterdir())]
@@ -181,7 +183,7 @@ def child(mode: str) -> dict:
         out["forward_s"] = times
         out["batch_phase_peak_mb"] = _status("VmHWM")
     else:
-        from higgs_diag.replay.api import replay_evidence
+        from higgs_diag.replay.api import measure
 
         files = sorted(BATCHES.iterdir())
         per: list[float] = []
@@ -195,14 +197,16 @@ def child(mode: str) -> dict:
             per.append(now - last[0])
             last[0] = now
 
-        ev = replay_evidence(CKPT, files, device="cpu", dtype="float32", progress=tick)
+        ev = measure(CKPT, files, options=ReplayOptions(device="cpu", dtype="float32"), progress=tick)
         per[0] -= ev.seconds.get("load", 0.0) + ev.seconds.get("inspect", 0.0)  # the first tick includes loading
         out["load_s"] = ev.seconds.get("load")
         out["per_batch_s"] = per
         out["forward_s"] = [b.model.forward_seconds for b in ev.batches]
         out["check_s"] = [b.model.check_seconds for b in ev.batches]
         out["batch_phase_peak_mb"] = _status("VmHWM")
-        out["findings"] = [f.code for f in __import__("higgs_diag.replay.api", fromlist=["x"]).findings_of(ev)]
+        from higgs_diag.api import diagnose
+
+        out["findings"] = [f.code for f in diagnose(None, evidence=ev).findings]
     out["peak_rss_mb"] = _rss_mb()
     return out
 

@@ -3,27 +3,27 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_run", "analyze", "replay"]
+__all__ = ["__version__", "load_run", "analyze", "replay_batch"]
 
 
-def load_run(path, log_files=None):
-    """Read a run directory (or one checkpoint, a logging folder, one trainer_state.json)."""
-    from .run.load import load_run as _load_run
+def load_run(run_dir, log_files=None):
+    """Read a run directory (or one checkpoint, a logging folder, one trainer_state.json): a ``Run``."""
+    from .api import load_run as _load_run
 
-    return _load_run(path, log_files=log_files)
+    return _load_run(run_dir, log_files=log_files)
 
 
-def analyze(path, thresholds=None, log_files=None):
-    """Read a run and run every check: returns a :class:`higgs_diag.diagnosis.Diagnosis`."""
+def analyze(run_dir, **kwargs):
+    """Read a run, optionally replay its batches (``replay=True``), run the rules: a
+    :class:`higgs_diag.diagnosis.Diagnosis`. See :func:`higgs_diag.api.analyze` for the options."""
     from .api import analyze as _analyze
 
-    return _analyze(path, thresholds=thresholds, log_files=log_files)
+    return _analyze(run_dir, **kwargs)
 
 
-def replay(checkpoint=None, batches=(), **kwargs):
-    """Replay saved batches through a checkpoint and name the cause: returns a
-    :class:`higgs_diag.diagnosis.Diagnosis` (see :func:`higgs_diag.replay.api.replay` for the options:
-    ``run``, ``base``, ``lora_alpha``, ``no_model``, ``device``, ``dtype``, ``thresholds``)."""
-    from .replay.api import replay as _replay
+def replay_batch(checkpoint, batches, **kwargs):
+    """Replay saved batches through a checkpoint and name the cause: a :class:`higgs_diag.diagnosis.Diagnosis`.
+    See :func:`higgs_diag.api.replay_batch` for the options."""
+    from .api import replay_batch as _replay_batch
 
-    return _replay(checkpoint, batches, **kwargs)
+    return _replay_batch(checkpoint, batches, **kwargs)

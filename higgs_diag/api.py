@@ -1,22 +1,49 @@
-"""The library face of ``higgs-diag analyze``: the CLI is a thin shell over these functions."""
+"""The library face of higgs-diag: the CLI is a thin shell over these functions.
+
+    import higgs_diag
+    diag = higgs_diag.analyze("output/")                      # the logs alone
+    diag = higgs_diag.analyze("output/", replay=True)          # + its batch dumps through its latest checkpoint
+    diag = higgs_diag.replay_batch("output/checkpoint-500", ["output/higgs-diag/batches/step-000500.pt"])
+
+One direction: ``run/`` reads a Run, ``replay/`` measures a ReplayEvidence, the rules in ``checks/`` judge
+both, ``diagnosis`` ranks, ``report/`` renders the Diagnosis (which carries what was read).
+"""
 from __future__ import annotations
 
 import os
+from typing import Callable, Iterable
 
-from .config import Thresholds
+from .config import ReplayOptions, Selection, Thresholds
 from .diagnosis import Diagnosis
-from .run.load import load_run
+from .evidence import ReplayEvidence
 from .run.model import Run
+
+Progress = Callable[[int, int, str], None]
+
+
+def load_run(run_dir: str | os.PathLike, *, log_files=None,
+             read_progress: Callable[[int], Callable[[int], None] | None] | None = None) -> Run:
+    """Read a run directory (an output_dir, one checkpoint, a logging folder, one trainer_state.json).
+    ``read_progress(total_bytes)`` may return a callback that is given the bytes read after each file.
+    Raises ``RunReadError`` when nothing could be read."""
+    from .run.discover import discover
+    from .run.load import load_run as _load, total_bytes
+
+    files = discover(run_dir, list(log_files or []))
+    tick = read_progress(total_bytes(files)) if read_progress is not None else None
+    return _load(run_dir, files=files, progress=tick)
 
 
 def summarize(run: Run) -> dict:
-    """The ``summary`` block of the report: what was read."""
+    """The ``summary`` block of the report: what was read (computed once; every renderer shows it)."""
     st = run.state
+    first = int(run.scalars["step"].min()) if not run.scalars.empty else None
     return {
         "steps": run.last_step,
+        "first_step": first,
         "n_points": run.n_points,
         "metrics": run.metrics,
-        "files_read": list(run.files_read),
+        "files_read": [str(f) for f in run.files_read],
         "not_read": list(run.other_files),
         "trainer_state": st.path if st else None,
         "max_steps": st.max_steps if st else run.arg("max_steps"),
@@ -29,13 +56,84 @@ def summarize(run: Run) -> dict:
     }
 
 
-def diagnose(run: Run, thresholds: Thresholds | None = None) -> Diagnosis:
+def _selection(select: Iterable[str] | None, ignore: Iterable[str] | None,
+               selection: Selection | None) -> Selection:
+    from .checks import load_all
+
+    sel = (selection or Selection()).merged(select or (), ignore or ())
+    rules = load_all()
+    sel.validate(rules, {c.category for c in rules.values()})
+    return sel
+
+
+def diagnose(run: Run | None, *, thresholds: Thresholds | None = None, selection: Selection | None = None,
+             evidence: ReplayEvidence | None = None, target: str | None = None) -> Diagnosis:
+    """Judge a Run and/or a ReplayEvidence with the selected rules: one ranked Diagnosis."""
     from .checks import run_checks
 
-    findings = run_checks(run, thresholds or Thresholds())
-    return Diagnosis(target=run.root, findings=findings, summary=summarize(run))
+    findings = run_checks(run, thresholds or Thresholds(), selection, replay_evidence=evidence)
+    summary = summarize(run) if run is not None else {}
+    if evidence is not None:
+        summary["replay"] = evidence.summary()
+    name = target if target is not None else (run.root if run is not None else "")
+    return Diagnosis(target=str(name), findings=findings, summary=summary, run=run)
 
 
-def analyze(path: str | os.PathLike, thresholds: Thresholds | None = None, log_files=None) -> Diagnosis:
-    """Read the run at ``path`` and diagnose it. Raises ``RunReadError`` when nothing could be read."""
-    return diagnose(load_run(path, log_files=log_files), thresholds)
+def analyze(run_dir: str | os.PathLike, *, replay: bool = False, batches: Iterable[str | os.PathLike] | None = None,
+            checkpoint: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
+            thresholds: Thresholds | None = None, select: Iterable[str] | None = None,
+            ignore: Iterable[str] | None = None, selection: Selection | None = None, log_files=None,
+            options: ReplayOptions | None = None, all_checkpoints: bool = False, batch_step: int | None = None,
+            read_progress=None, replay_progress: Progress | None = None) -> Diagnosis:
+    """Read the run at ``run_dir``, optionally replay its batches, and diagnose it.
+
+    ``replay=True`` (implied by ``batches`` or ``checkpoint``) replays the run's batch dumps
+    (``higgs-diag/batches/``, ``batches/``) or ``batches``, each through the run's checkpoint nearest its step
+    (``all_checkpoints``: through every checkpoint; ``checkpoint``: through that one; ``batch_step``: the step
+    of batch files that do not say it). When there is nothing to replay, the log report stands and an info finding (HD810) says
+    what is missing; ``Diagnosis.replay_error`` holds the reason (the CLI exits 2 on it when the user named
+    the batches or the checkpoint). ``select`` / ``ignore``: codes, code prefixes or categories.
+    Raises ``RunReadError`` when nothing could be read, ``ValueError`` for a selection that matches no rule.
+    """
+    from .replay.errors import ReplayError
+
+    sel = _selection(select, ignore, selection)
+    run = load_run(run_dir, log_files=log_files, read_progress=read_progress)
+    evidence, error = None, None
+    if replay or batches or checkpoint is not None:
+        opts = options or ReplayOptions()
+        if base is not None:
+            opts = ReplayOptions(base, opts.lora_alpha, opts.device, opts.dtype, opts.no_model)
+        try:
+            from .replay.api import measure_run
+
+            evidence = measure_run(run_dir, run, batches=list(batches or ()), checkpoint=checkpoint, options=opts,
+                                   thresholds=thresholds, all_checkpoints=all_checkpoints, batch_step=batch_step,
+                                   progress=replay_progress)
+        except ReplayError as e:
+            error = str(e)
+            evidence = ReplayEvidence(source=None, batches=[], skipped=error, run_root=str(run_dir), run=run)
+    diag = diagnose(run, thresholds=thresholds, selection=sel, evidence=evidence)
+    diag.replay_error = error
+    return diag
+
+
+def replay_batch(checkpoint: str | os.PathLike | None, batches: Iterable[str | os.PathLike], *,
+                 run_dir: str | os.PathLike | None = None, options: ReplayOptions | None = None,
+                 thresholds: Thresholds | None = None, select: Iterable[str] | None = None,
+                 ignore: Iterable[str] | None = None, selection: Selection | None = None,
+                 batch_step: int | None = None, progress: Progress | None = None) -> Diagnosis:
+    """Replay saved batches through a checkpoint and judge them with the replay rules.
+
+    ``checkpoint``: a full model folder, a PEFT adapter folder, a wrapper's ``model.safetensors`` folder, or
+    ``checkpoint-N`` with ``lora_adapters/`` (None with ``options.no_model``). ``batches``: ``.pt`` /
+    ``.safetensors`` files or folders. ``run_dir``: the output_dir whose logs give the logged losses, args and
+    model_config (default: the checkpoint's own); ``batch_step``: the training step of batch files that do not
+    say it (their dump meta or a ``step-N`` name). Raises ``ReplayError`` (one line naming the file)."""
+    from .replay.api import measure
+
+    sel = _selection(select, ignore, selection)
+    ev = measure(checkpoint, batches, run_dir=run_dir, options=options or ReplayOptions(), thresholds=thresholds,
+                 batch_step=batch_step, progress=progress)
+    target = str(checkpoint) if checkpoint is not None else ", ".join(b.path for b in ev.batches[:3])
+    return diagnose(None, thresholds=thresholds, selection=sel, evidence=ev, target=target)

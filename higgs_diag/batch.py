@@ -55,6 +55,7 @@ class BatchSpec:
     stream_eos_id: int | None = None
     use_delay_pattern: bool | None = None
     audio_out_token_idx: int | None = None
+    audio_in_token_idx: int | None = None
     vocab_size: int | None = None
 
     @classmethod
@@ -72,6 +73,7 @@ class BatchSpec:
             stream_eos_id=get("audio_stream_eos_id", None),
             use_delay_pattern=get("use_delay_pattern", None),
             audio_out_token_idx=get("audio_out_token_idx", None),
+            audio_in_token_idx=get("audio_in_token_idx", None),
             vocab_size=tget("vocab_size", None) if text is not None else None,
         )
 
@@ -311,6 +313,60 @@ def batch_stats(batch: Mapping[str, Any], spec: BatchSpec | None = None, *,
                                  spec.stream_bos_id)
             st.staircase = all(seen) if seen else None
     return st
+
+
+MIN_LEAK_FRAMES = 4  # shorter target segments are too short to call a copy of the reference audio
+
+
+def _segment_rows(ids: np.ndarray, token: int | None, n_segments: int) -> list[int] | None:
+    """The batch row of each audio segment, in order: the k-th segment belongs to the row of the k-th
+    ``token`` (<|AUDIO|> or <|AUDIO_OUT|>) in ``input_ids`` read row by row. None when they do not add up."""
+    if token is None:
+        return None
+    rows = np.nonzero(ids == token)[0].tolist()
+    return rows if len(rows) == n_segments else None
+
+
+def _codes0(x: np.ndarray, a: int, b: int, codebook_size: int) -> np.ndarray:
+    """Codebook 0 of one segment without the stream BOS/EOS and delay fills (codebook 0 is never delayed)."""
+    c = x[0, a:b]
+    return np.ascontiguousarray(c[(c >= 0) & (c < codebook_size)], dtype=np.int64)
+
+
+def target_leaks(batch: Mapping[str, Any], spec: BatchSpec) -> list[tuple[int, int, int, int]]:
+    """Audio-out segments whose target codes appear inside an audio-in (reference) segment of the same sample:
+    ``(row, out segment, in segment, frames)`` for each. Compares codebook 0 without BOS/EOS (the delay pattern
+    leaves it in place); a target of fewer than ``MIN_LEAK_FRAMES`` frames is not judged."""
+    arr = _arrays(batch)
+    need = ("input_ids", "audio_out_ids", "audio_in_ids")
+    if spec.codebook_size is None or any(k not in arr or arr[k].ndim != 2 or not arr[k].size for k in need):
+        return []
+    out_s, in_s = batch.get("audio_out_ids_start"), batch.get("audio_in_ids_start")
+    if not isinstance(out_s, torch.Tensor) or not isinstance(in_s, torch.Tensor):
+        return []
+    o, i = arr["audio_out_ids"], arr["audio_in_ids"]
+    ob, ib = _bounds(out_s.reshape(-1).tolist(), o.shape[1]), _bounds(in_s.reshape(-1).tolist(), i.shape[1])
+    orow = _segment_rows(arr["input_ids"], spec.audio_out_token_idx, len(ob))
+    irow = _segment_rows(arr["input_ids"], spec.audio_in_token_idx, len(ib))
+    if orow is None or irow is None:
+        return []
+    refs: dict[int, list[tuple[int, bytes]]] = {}
+    for k, (a, b) in enumerate(ib):
+        refs.setdefault(irow[k], []).append((k, _codes0(i, a, b, spec.codebook_size).tobytes()))
+    hits = []
+    for k, (a, b) in enumerate(ob):
+        tgt = _codes0(o, a, b, spec.codebook_size)
+        if len(tgt) < MIN_LEAK_FRAMES:
+            continue
+        needle = tgt.tobytes()
+        for j, hay in refs.get(orow[k], []):
+            at = hay.find(needle)
+            while at != -1 and at % 8:  # a match must start on a code boundary
+                at = hay.find(needle, at + 1)
+            if at != -1:
+                hits.append((orow[k], k, j, len(tgt)))
+                break
+    return hits
 
 
 def _outside(x: np.ndarray, lo: int, hi: int) -> bool:

@@ -1,30 +1,37 @@
 """`higgs-diag`: a thin click shell over the library (parse options, call, render, exit code)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import Thresholds
+from .config import Selection, SelectionError, Thresholds, load_config_file
 from .diagnosis import Severity
+from .formatting import clean
 
 FAIL_ON = ("info", "warning", "critical", "never")
 
 
-def _thresholds(config_file: str | None, sets: tuple[str, ...]) -> Thresholds:
+def _settings(config_file: str | None, sets: tuple[str, ...], select: tuple[str, ...], ignore: tuple[str, ...]):
+    """(Thresholds, Selection) from ``--config``, ``--set``, ``--select`` and ``--ignore``."""
     try:
-        t = Thresholds.from_file(config_file) if config_file else Thresholds()
+        t, sel = load_config_file(config_file) if config_file else (Thresholds(), Selection())
         items = {}
         for item in sets:
             if "=" not in item:
                 raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
             k, v = item.split("=", 1)
             items[k] = v
-        return t.with_overrides(items)
+        return t.with_overrides(items), sel.merged(_entries(select), _entries(ignore))
     except (OSError, ValueError) as e:
         raise click.UsageError(str(e)) from None
+
+
+def _entries(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(x.strip() for v in values for x in v.split(",") if x.strip())
 
 
 def _exit_code(diag, fail_on: str) -> int:
@@ -36,22 +43,69 @@ def _exit_code(diag, fail_on: str) -> int:
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024  # below this a run reads in about a second: no bar
 
 
-def _load_with_progress(run_dir, logs):
-    from .run.discover import discover
-    from .run.load import load_run, total_bytes
-
-    files = discover(run_dir, logs)
-    total = total_bytes(files)
+def _read_progress(total: int):
+    """A percentage on stderr while a large run is read (only on a terminal)."""
     if not (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES):
-        return load_run(run_dir, files=files)
-    with click.progressbar(length=total, label="reading run", file=sys.stderr) as bar:
-        return load_run(run_dir, files=files, progress=bar.update)
+        return None
+    done = [0]
+
+    def tick(nbytes: int) -> None:
+        done[0] += nbytes
+        click.echo(f"\rreading run: {min(100, 100 * done[0] // total)}%", err=True, nl=done[0] >= total)
+
+    return tick
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _rule_options(f):
+    """--fail-on, --set, --config, --select, --ignore: shared by analyze and replay-batch."""
+    f = click.option("--ignore", "ignore", multiple=True, metavar="CODES",
+                     help="Rules not to run: codes, code prefixes (HD5) or categories, comma-separated or "
+                          "repeated.")(f)
+    f = click.option("--select", "select", multiple=True, metavar="CODES",
+                     help="Only these rules: codes, code prefixes (HD2) or categories (audio-loss-collapse).")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                     help="A JSON or TOML file of threshold overrides and select/ignore lists.")(f)
+    f = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+                     help="Override a threshold, e.g. --set audio_loss_warning=0.02 (see `higgs-diag checks`).")(f)
+    f = click.option("--fail-on", type=click.Choice(FAIL_ON), default="warning", show_default=True,
+                     help="Exit 1 when a finding is at or above this severity.")(f)
+    return f
+
+
+INTERNAL_ERROR = 3  # a bug of ours, told apart from findings (1) and bad input (2)
+TARGET_KEY = "higgs_diag.target"  # what a command works on, for the internal-error line (ctx.meta is shared)
+
+
+class _Group(click.Group):
+    """Turns an unexpected exception (a bug of ours) into one line and exit code 3; ``--debug`` (or
+    HIGGS_DIAG_DEBUG=1) lets the traceback through."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place that catches everything, on purpose
+            if ctx.params.get("debug") or os.environ.get("HIGGS_DIAG_DEBUG"):
+                raise
+            sub = ctx.invoked_subcommand or "higgs-diag"
+            target = ctx.meta.get(TARGET_KEY, "")
+            where = f" while running {sub}" + (f" on {clean(target)}" if target else "")
+            msg = clean(" ".join(str(e).split()))[:300]
+            click.echo(f"higgs-diag: internal error{where}: {type(e).__name__}: {msg}; run with --debug for the "
+                       f"traceback (and please report it)", err=True)
+            sys.exit(INTERNAL_ERROR)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="higgs-diag")
-def main() -> None:
-    """Find the root cause of a failed or suspicious Higgs Audio v2 fine-tuning run."""
+@click.option("--debug", is_flag=True, default=False, help="Show the traceback of an internal error (exit code 3).")
+def main(debug: bool) -> None:
+    """Find the root cause of a failed or suspicious Higgs Audio v2 fine-tuning run.
+
+    Exit codes: 0 nothing at or above --fail-on, 1 findings at or above it, 2 usage error or nothing
+    readable, 3 an internal error of higgs-diag (one line; --debug shows the traceback)."""
 
 
 @main.command()
@@ -62,53 +116,47 @@ def main() -> None:
               help="Also write report.json, report.md, report.html and plots/*.png into this folder.")
 @click.option("--log", "logs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A console log of the run (repeatable); *.log files in RUN_DIR are read anyway.")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="warning", show_default=True,
-              help="Exit 1 when a finding is at or above this severity.")
-@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
-              help="Override a threshold, e.g. --set audio_loss_warning=0.02 (see `higgs-diag checks`).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="A JSON or TOML file of threshold overrides.")
+@_rule_options
 @click.option("--color/--no-color", default=None, help="Colour the terminal report (default: on a TTY, "
                                                         "unless NO_COLOR is set).")
 @click.option("--replay", is_flag=True, default=False,
               help="Also replay the run's saved batches (higgs-diag/batches/ or batches/) through its latest "
-                   "loadable checkpoint and merge the findings (needs torch and boson_multimodal).")
+                   "loadable checkpoint (needs torch and boson_multimodal).")
 @click.option("--batches", "batch_paths", multiple=True, type=click.Path(path_type=Path),
               help="Batch files or folders to replay instead of the run's own (repeatable; implies --replay).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The checkpoint to replay through (default: the latest loadable one; implies --replay).")
 @click.option("--base", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Base model folder for a LoRA adapter checkpoint (default: its base_model_name_or_path).")
-def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, sets, config_file, color,
-            replay: bool, batch_paths, checkpoint, base) -> None:
-    """Read RUN_DIR (an output_dir, a checkpoint, a logging folder or a trainer_state.json), run every check
+@click.option("--all-checkpoints", is_flag=True, default=False,
+              help="Replay every batch through every checkpoint of the run (default: the one nearest its step).")
+@click.option("--batch-step", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The training step of batch files that do not say it (no dump meta, no step-N in the name).")
+def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, sets, config_file, select, ignore,
+            color, replay: bool, batch_paths, checkpoint, base, all_checkpoints, batch_step) -> None:
+    """Read RUN_DIR (an output_dir, a checkpoint, a logging folder or a trainer_state.json), run every rule
     and print a root-cause report."""
-    from .api import diagnose
+    from .api import analyze as analyze_run
     from .run.discover import RunReadError
 
-    thresholds = _thresholds(config_file, sets)
+    click.get_current_context().meta[TARGET_KEY] = str(run_dir)
+    thresholds, selection = _settings(config_file, sets, select, ignore)
     try:
-        run = _load_with_progress(run_dir, list(logs))
+        diag = analyze_run(run_dir, replay=replay or all_checkpoints, batches=list(batch_paths), checkpoint=checkpoint,
+                           base=base, all_checkpoints=all_checkpoints, batch_step=batch_step,
+                           thresholds=thresholds, selection=selection, log_files=list(logs),
+                           read_progress=_read_progress, replay_progress=_progress())
     except RunReadError as e:
         click.echo(f"higgs-diag: error: {e}", err=True)
         sys.exit(2)
-    diag = diagnose(run, thresholds)
-    if replay or batch_paths or checkpoint is not None:
-        from .replay.api import merge, replay_run_evidence
-        from .replay.errors import ReplayError
-
-        try:
-            ev = replay_run_evidence(run_dir, run, batches=list(batch_paths), checkpoint=checkpoint, base=base,
-                                     thresholds=thresholds, progress=_progress())
-        except ReplayError as e:
-            # the log findings stand on their own: report them, and say why the replay did not run
-            diag.summary["replay"] = {"error": str(e)}
-            _emit(diag, run, fmt, output, color)
-            click.echo(f"higgs-diag: {'error' if batch_paths or checkpoint else 'warning'}: replay skipped: {e}",
-                       err=True)
-            sys.exit(2 if batch_paths or checkpoint is not None else _exit_code(diag, fail_on))
-        diag = merge(diag, ev, thresholds)
-    _emit(diag, run, fmt, output, color)
+    except SelectionError as e:
+        raise click.UsageError(str(e)) from None
+    _emit(diag, fmt, output, color)
+    if diag.replay_error:
+        named = bool(batch_paths) or checkpoint is not None
+        click.echo(f"higgs-diag: {'error' if named else 'note'}: replay skipped: {diag.replay_error}", err=True)
+        if named:  # the user named what to replay and it could not be used
+            sys.exit(2)
     sys.exit(_exit_code(diag, fail_on))
 
 
@@ -124,24 +172,24 @@ def _progress():
     return tick
 
 
-def _emit(diag, run, fmt: str, output: Path | None, color) -> None:
+def _emit(diag, fmt: str, output: Path | None, color) -> None:
     from .report import render, write_reports
 
     if output is not None:
         try:
-            paths = write_reports(diag, run, output)
+            paths = write_reports(diag, output)
         except OSError as e:
             click.echo(f"higgs-diag: error: cannot write the report to {output}: {e.strerror or e}", err=True)
             sys.exit(2)
         names = sorted({k.split("/")[0] + ("/" if "/" in k else "") for k in paths})
         click.echo(f"higgs-diag: report written to {output}/ ({', '.join(names)})", err=True)
     if fmt == "text":
-        from .report.text import render_text, should_color
+        from .report.text import should_color
 
         use_color = should_color(sys.stdout) if color is None else color
-        click.echo(render_text(diag, run, color=use_color), nl=False)
+        click.echo(render(diag, "text", color=use_color), nl=False)
     else:
-        click.echo(render(diag, run, fmt), nl=False)
+        click.echo(render(diag, fmt), nl=False)
 
 
 @main.command("replay-batch")
@@ -156,6 +204,8 @@ def _emit(diag, run, fmt: str, output: Path | None, color) -> None:
               help="lora_alpha of a wrapper checkpoint with LoRA weights and no adapter_config.json near it.")
 @click.option("--no-model", is_flag=True, default=False,
               help="Only the batch checks (no model, no boson_multimodal); CHECKPOINT is then optional.")
+@click.option("--batch-step", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The training step of batch files that do not say it (no dump meta, no step-N in the name).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Model dtype (auto: float32 on CPU, the checkpoint's dtype on GPU).")
@@ -163,59 +213,60 @@ def _emit(diag, run, fmt: str, output: Path | None, color) -> None:
               show_default=True, help="What to print on stdout.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write report.json, report.md and report.html into this folder.")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="warning", show_default=True,
-              help="Exit 1 when a finding is at or above this severity.")
-@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Override a threshold (replay_*: see "
-                                                                         "`higgs-diag checks`).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="A JSON or TOML file of threshold overrides.")
+@_rule_options
 @click.option("--color/--no-color", default=None, help="Colour the terminal report.")
-def replay_batch(paths, run_dir, base, lora_alpha, no_model, device, dtype, fmt, output, fail_on, sets,
-                 config_file, color) -> None:
+def replay_batch(paths, run_dir, base, lora_alpha, no_model, batch_step, device, dtype, fmt, output, fail_on, sets,
+                 config_file, select, ignore, color) -> None:
     """Rerun saved batches (.pt dicts of tensors, .safetensors, the trainer's dumps, or folders of them) through
     CHECKPOINT and name the cause: unshifted loss, labels equal to inputs, audio inputs missing, labels masked,
     eval_loss not produced. Runs under torchrun too (batch files split across ranks)."""
-    from .replay.api import dist_info, replay, split_paths
+    from .api import replay_batch as replay_batches
+    from .config import ReplayOptions
+    from .replay.api import dist_info, split_paths
     from .replay.errors import ReplayError
 
-    thresholds = _thresholds(config_file, sets)
+    click.get_current_context().meta[TARGET_KEY] = " ".join(str(p) for p in paths[:2])
+    thresholds, selection = _settings(config_file, sets, select, ignore)
+    options = ReplayOptions(base=base, lora_alpha=lora_alpha, device=device, dtype=dtype, no_model=no_model)
     try:
         checkpoint, batches = split_paths(list(paths), no_model)
-        diag = replay(checkpoint, batches, run=run_dir, base=base, lora_alpha=lora_alpha, no_model=no_model,
-                      device=device, dtype=dtype, thresholds=thresholds, progress=_progress())
+        diag = replay_batches(checkpoint, batches, run_dir=run_dir, options=options, thresholds=thresholds,
+                              selection=selection, batch_step=batch_step, progress=_progress())
     except ReplayError as e:
         click.echo(f"higgs-diag: error: {e}", err=True)
         sys.exit(2)
+    except SelectionError as e:
+        raise click.UsageError(str(e)) from None
     if dist_info()[0] == 0:  # under torchrun every rank builds the report; rank 0 prints it
-        _emit(diag, None, fmt, output, color)
+        _emit(diag, fmt, output, color)
     sys.exit(_exit_code(diag, fail_on))
 
 
 @main.command("checks")
 def list_checks() -> None:
-    """List the checks: code, category, scope and what each detects."""
-    from .checks import all_codes
+    """List the rules: code, category, scope, what each detects, and the thresholds it reads."""
+    from .checks import load_all
 
-    for code, (c, category) in all_codes().items():
-        click.echo(f"{code}  {category:<22} {c.scope:<8} {c.summary}")
-    click.echo("\nThresholds (override with --set NAME=VALUE):")
-    for name in Thresholds.names():
-        click.echo(f"  {name} = {getattr(Thresholds(), name)!r}")
+    defaults = Thresholds()
+    for code, c in load_all().items():
+        click.echo(f"{code}  {c.category:<24} {c.scope:<8} {c.summary}")
+        for name in c.thresholds:
+            click.echo(f"{'':8}{name} = {getattr(defaults, name)!r}")
+    click.echo("\nOverride a threshold with --set NAME=VALUE; select rules with --select/--ignore CODES.")
 
 
 @main.command()
 @click.argument("code")
 def explain(code: str) -> None:
-    """Print the documentation of one check, e.g. `higgs-diag explain HD101`."""
-    from .checks import all_codes
+    """Print the documentation of one rule, e.g. `higgs-diag explain HD101`."""
+    from .checks import load_all
+    from .checks.docgen import rule_markdown
 
-    codes = all_codes()
-    entry = codes.get(code.upper())
-    if entry is None:
+    c = load_all().get(code.strip().upper())
+    if c is None:
         raise click.UsageError(f"unknown check code {code!r}; `higgs-diag checks` lists them")
-    c, category = entry
-    click.echo(f"{code.upper()} {category} ({c.scope})\n")
-    click.echo(c.doc)
+    click.echo(f"{c.code} {c.category} ({c.scope})\n")
+    click.echo(rule_markdown(c))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,12 +1,18 @@
-"""Named thresholds of the checks, with the seed defaults. Override from the CLI (``--set NAME=VALUE``)
-or a JSON/TOML file (``--config FILE``, a flat table of the names below)."""
+"""What the user can set: the named thresholds of the rules (seed defaults; ``--set NAME=VALUE``) and which
+rules run (``--select`` / ``--ignore``), both also from a JSON/TOML file (``--config FILE``):
+
+    [thresholds]            # or the names at top level
+    audio_loss_warning = 0.02
+    select = ["HD2", "no-learning"]   # codes, code prefixes or categories
+    ignore = ["HD504"]
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 @dataclass(frozen=True)
@@ -15,6 +21,8 @@ class Thresholds:
     audio_loss_warning: float = 0.01
     audio_loss_critical: float = 0.005
     audio_sustained_window: int = 100
+    # an episode below audio_loss_warning ends after this many consecutive steps back above it
+    audio_recovery_steps: int = 10
     # copy-task signature: audio loss below this fraction of its starting value ...
     collapse_fraction: float = 0.01
     # ... within this many steps of the first logged point
@@ -90,12 +98,19 @@ class Thresholds:
     # the shifted and unshifted audio CE must differ by at least this factor before a logged loss can tell
     # which of the two the trainer computed
     replay_separation_factor: float = 2.0
-    # copy task: the argmax equals the current input token at this share of the scored positions or more ...
-    replay_copy_rate: float = 0.5
-    # ... and exceeds the data's own repeat rate (next target == current input) by at least this much
+    # copy task: the argmax equals the current input token more often than the data's own repeat rate (next
+    # target == current input) by at least this much
     replay_copy_margin: float = 0.25
     # the audio head learned nothing: shifted audio CE at or above this fraction of ln(codebook_size + 2)
     replay_uniform_fraction: float = 0.9
+    # ... and the same-position CE below the next-token CE by at least this factor (the copy task, judged from
+    # the checkpoint's own numbers when no logged loss can be compared)
+    replay_internal_separation: float = 1.25
+    # a batch's logged loss is compared with a checkpoint at most this many steps older than the batch ...
+    replay_pair_max_steps: int = 20
+    # ... while the logged loss (median of the last 5 logged points) moved by less than this fraction between
+    # the checkpoint's step and the batch's
+    replay_pair_max_change: float = 0.1
 
     def replace(self, **changes: Any) -> "Thresholds":
         return dataclasses.replace(self, **changes)
@@ -129,23 +144,96 @@ class Thresholds:
     @classmethod
     def from_file(cls, path: str | Path) -> "Thresholds":
         """Thresholds from a JSON or TOML file; every error names the file (ValueError)."""
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{p}: cannot read the threshold file ({getattr(e, 'strerror', None) or e})") from None
-        try:
-            if p.suffix.lower() == ".toml":
-                try:
-                    import tomllib  # Python 3.11+
-                except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-                    raise ValueError("TOML needs Python 3.11+; use a JSON file") from None
-                data = tomllib.loads(text)
-                data = data.get("thresholds", data)
-            else:
-                data = json.loads(text)
-            if not isinstance(data, dict):
-                raise ValueError("expected a table of threshold names")
-            return cls().with_overrides(data)
-        except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-            raise ValueError(f"{p}: {e}") from None
+        return load_config_file(path)[0]
+
+
+class SelectionError(ValueError):
+    """A ``--select`` / ``--ignore`` entry that matches no rule (a usage error)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rules run: ``select`` (empty: all) minus ``ignore``. Each entry is a code (``HD201``), a code
+    prefix (``HD2``, ``HD8``) or a category slug (``audio-loss-collapse``)."""
+
+    select: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    @staticmethod
+    def _matches(entry: str, code: str, category: str) -> bool:
+        e = entry.strip()
+        return e == category or (e.upper().startswith("HD") and code.startswith(e.upper()))
+
+    def allows(self, code: str, category: str) -> bool:
+        if self.select and not any(self._matches(e, code, category) for e in self.select):
+            return False
+        return not any(self._matches(e, code, category) for e in self.ignore)
+
+    def merged(self, select: Iterable[str] = (), ignore: Iterable[str] = ()) -> "Selection":
+        """This selection with command-line entries: a CLI ``--select`` replaces the file's, ``--ignore`` adds."""
+        sel = tuple(select)
+        return Selection(sel or self.select, self.ignore + tuple(ignore))
+
+    def validate(self, known_codes: Iterable[str], known_categories: Iterable[str]) -> None:
+        """ValueError naming an entry that matches no rule (a typo would silently select nothing)."""
+        codes, cats = list(known_codes), set(known_categories)
+        for e in self.select + self.ignore:
+            if not any(self._matches(e, c, "") for c in codes) and e.strip() not in cats:
+                raise SelectionError(f"--select/--ignore entry {e!r} matches no rule code, prefix or category "
+                                 f"(`higgs-diag checks` lists them)")
+
+
+def load_config_file(path: str | Path) -> tuple[Thresholds, Selection]:
+    """Thresholds and rule selection from a JSON or TOML file; every error names the file (ValueError).
+    The thresholds are the names at top level or in a ``thresholds`` table; ``select`` / ``ignore`` are lists
+    at top level."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib  # Python 3.11+
+            except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+                raise ValueError("TOML needs Python 3.11+; use a JSON file") from None
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("expected a table of threshold names")
+        data = dict(data)
+        lists = {key: _entry_list(key, data.pop(key, ())) for key in ("select", "ignore")}
+        table = data.pop("thresholds", None)
+        if table is not None:
+            if not isinstance(table, dict):
+                raise ValueError("'thresholds' must be a table of threshold names")
+            data.update(table)
+        return Thresholds().with_overrides(data), Selection(lists["select"], lists["ignore"])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"{p}: {e}") from None
+
+
+def _entry_list(key: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = v.split(",")
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{key!r} must be a list of codes, code prefixes or categories")
+    return tuple(x.strip() for x in v if x.strip())
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """How a checkpoint is loaded for a replay (the options that travel together from the CLI to the loader).
+
+    ``base``: the base model folder of a LoRA adapter (default: its ``base_model_name_or_path``);
+    ``lora_alpha``: for a wrapper state dict with LoRA weights and no adapter_config.json near it;
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``dtype``: ``auto`` or a torch dtype name;
+    ``no_model``: only the batch checks (no model, no boson_multimodal)."""
+
+    base: str | Path | None = None
+    lora_alpha: float | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    no_model: bool = False

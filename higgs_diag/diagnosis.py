@@ -94,10 +94,16 @@ def rank_findings(findings: Iterable[Finding]) -> list[Finding]:
 
 @dataclass
 class Diagnosis:
+    """The result of analyze or replay: ranked findings and the ``summary`` of what was read (computed once,
+    by ``higgs_diag.api.summarize``). ``run`` is the Run itself for the renderers' plots (not serialized);
+    ``replay_error`` says why a requested replay did not run."""
+
     target: str
     findings: list[Finding]
     summary: dict[str, Any] = field(default_factory=dict)
     tool_version: str = ""
+    run: Any = field(default=None, repr=False, compare=False)
+    replay_error: str | None = None
 
     def __post_init__(self) -> None:
         self.findings = rank_findings(self.findings)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 
-from higgs_diag.checks import all_codes
+from higgs_diag.checks import load_all
 from higgs_diag.checks.docgen import render as render_docs
 from higgs_diag.cli import main
 from _cli_util import runner, tree_digest  # tests/_cli_util.py
@@ -79,7 +79,7 @@ def test_text_report_has_no_color_when_not_a_tty():
 def test_checks_and_explain():
     r = runner().invoke(main, ["checks"])
     assert r.exit_code == 0
-    for code in all_codes():
+    for code in load_all():
         assert code in r.stdout
     r = runner().invoke(main, ["explain", "hd101"])
     assert r.exit_code == 0 and "label_names" in r.stdout
@@ -87,9 +87,10 @@ def test_checks_and_explain():
 
 
 def test_every_check_documents_itself():
-    for code, (c, _cat) in all_codes().items():
+    for code, c in load_all().items():
         for section in ("What it detects:", "Why it happens:", "Example:", "Fix:"):
             assert section in c.doc, f"{code} lacks {section!r}"
+        assert c.why and c.fix, code
 
 
 def test_docs_checks_md_is_current():
@@ -143,7 +144,26 @@ def test_analyze_replay_without_batches_still_reports_the_logs(tmp_path):
     shutil.copytree(FAULTY, run)
     r = runner().invoke(main, ["analyze", str(run), "--replay", "--format", "json"])
     doc = json.loads(r.stdout)
-    assert doc["findings"][0]["code"] == "HD101" and "error" in doc["summary"]["replay"]
+    assert doc["findings"][0]["code"] == "HD101" and "no batch files" in doc["summary"]["replay"]["skipped"]
+    assert any(f["code"] == "HD810" and f["severity"] == "info" for f in doc["findings"])
     assert "replay skipped" in r.stderr and r.exit_code == 1
     r = runner().invoke(main, ["analyze", str(run), "--batches", str(tmp_path / "nope.pt"), "--format", "json"])
     assert r.exit_code == 2 and json.loads(r.stdout)["findings"][0]["code"] == "HD101"
+
+
+def test_internal_error_is_one_line_and_exit_3(monkeypatch):
+    """A bug of ours (any unexpected exception) is not a diagnosis: one line naming the command and the run,
+    exit 3; --debug shows the traceback."""
+    import higgs_diag.api
+
+    def broken(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(higgs_diag.api, "analyze", broken)
+    r = runner().invoke(main, ["analyze", str(FAULTY)])
+    assert r.exit_code == 3
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error while running analyze on" in lines[0] and "RuntimeError: boom" in lines[0]
+    assert "--debug" in lines[0] and "Traceback" not in r.stderr
+    r = runner().invoke(main, ["--debug", "analyze", str(FAULTY)])
+    assert isinstance(r.exception, RuntimeError)

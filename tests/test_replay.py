@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import higgs_diag
+from higgs_diag.config import ReplayOptions
 from higgs_diag.cli import main
 from _cli_util import runner, tree_digest  # tests/_cli_util.py
 
@@ -33,7 +34,7 @@ def dumps(scenario: str) -> Path:
 
 @pytest.mark.parametrize("scenario", sorted(CAUSES))
 def test_each_fault_is_the_first_finding(scenario):
-    diag = higgs_diag.replay(ckpt(scenario), [dumps(scenario)])
+    diag = higgs_diag.replay_batch(ckpt(scenario), [dumps(scenario)])
     first = diag.findings[0]
     assert first.category == scenario and str(first.severity) == "critical", [f.title for f in diag.findings]
     assert not [f for f in diag.findings[1:] if f.category in CAUSES], "only one cause per scenario"
@@ -41,7 +42,7 @@ def test_each_fault_is_the_first_finding(scenario):
 
 @pytest.mark.parametrize("scenario", ["healthy", "healthy-lora", "healthy-wrapper"])
 def test_healthy_runs_name_no_cause(scenario):
-    diag = higgs_diag.replay(ckpt(scenario), [dumps(scenario)])
+    diag = higgs_diag.replay_batch(ckpt(scenario), [dumps(scenario)])
     assert diag.verdict == "healthy", [f.title for f in diag.findings]
     assert {f.code for f in diag.findings} == {"HD800"}
     m = diag.summary["replay"]["model"]
@@ -56,7 +57,7 @@ def test_healthy_runs_name_no_cause(scenario):
 
 
 def test_unshifted_numbers_match_the_issue_sentence():
-    diag = higgs_diag.replay(ckpt("audio-labels-unshifted"), [dumps("audio-labels-unshifted")])
+    diag = higgs_diag.replay_batch(ckpt("audio-labels-unshifted"), [dumps("audio-labels-unshifted")])
     f = diag.findings[0]
     assert f.code == "HD801" and "matches the unshifted cross-entropy" in f.title and "without the one-position shift" \
         in f.title
@@ -70,7 +71,7 @@ def test_unshifted_numbers_match_the_issue_sentence():
 def test_audio_out_missing_from_a_dump_of_the_model_inputs():
     """A user's own torch.save of what the model received (after the whitelist): the fields are named and the
     forward shows the empty audio logits."""
-    diag = higgs_diag.replay(ckpt("audio-out-missing"), [REPLAY / "audio-out-missing" / "user-dumps"])
+    diag = higgs_diag.replay_batch(ckpt("audio-out-missing"), [REPLAY / "audio-out-missing" / "user-dumps"])
     f = diag.findings[0]
     assert f.code == "HD803" and "[0, 4, 18]" in f.title
     for name in ("audio_out_ids", "audio_out_ids_start", "audio_out_ids_start_group_loc", "label_audio_ids"):
@@ -79,19 +80,20 @@ def test_audio_out_missing_from_a_dump_of_the_model_inputs():
 
 def test_are_inputs_found_without_the_model():
     t0 = time.perf_counter()
-    diag = higgs_diag.replay(None, [dumps("audio-labels-are-inputs")], no_model=True,
-                             run=REPLAY / "audio-labels-are-inputs")
+    diag = higgs_diag.replay_batch(None, [dumps("audio-labels-are-inputs")], options=ReplayOptions(no_model=True),
+                                   run_dir=REPLAY / "audio-labels-are-inputs")
     assert time.perf_counter() - t0 < 1.0
     assert diag.findings[0].code == "HD802" and diag.summary["replay"]["model"] is None
 
 
 def test_over_masked_without_the_model():
-    diag = higgs_diag.replay(ckpt("audio-over-masked"), [dumps("audio-over-masked")], no_model=True)
+    diag = higgs_diag.replay_batch(ckpt("audio-over-masked"), [dumps("audio-over-masked")], options=ReplayOptions(no_model=True))
     assert diag.findings[0].category == "audio-over-masked"
 
 
 def test_no_model_does_not_import_boson_or_transformers():
-    code = ("import sys, higgs_diag; d = higgs_diag.replay(sys.argv[1], [sys.argv[2]], no_model=True); "
+    code = ("import sys, higgs_diag; from higgs_diag.config import ReplayOptions; "
+            "d = higgs_diag.replay_batch(sys.argv[1], [sys.argv[2]], options=ReplayOptions(no_model=True)); "
             "bad = [m for m in ('boson_multimodal', 'transformers', 'peft') if m in sys.modules]; "
             "print(d.findings[0].code, bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code, str(ckpt("audio-over-masked")), str(dumps("audio-over-masked"))],
@@ -178,7 +180,7 @@ def test_nan_weights_are_named(tmp_path):
     sd = load_file(str(ck / "model.safetensors"))
     sd["layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
-    diag = higgs_diag.replay(ck, [dumps("healthy") / "step-000200.pt"])
+    diag = higgs_diag.replay_batch(ck, [dumps("healthy") / "step-000200.pt"])
     assert diag.findings[0].code == "HD807" and "NaN/Inf" in diag.findings[0].title
 
 
@@ -196,19 +198,19 @@ def _dump(tmp_path, name, batch, meta=None):
 def test_delay_pattern_mismatch_hd806(tmp_path):
     """A collator built with use_delay_pattern=False for a model configured with the delay pattern."""
     p = _dump(tmp_path, "b.pt", M.collate(M.make_samples(4, 3), use_delay_pattern=False))
-    diag = higgs_diag.replay(ckpt("healthy"), [p], no_model=True)
+    diag = higgs_diag.replay_batch(ckpt("healthy"), [p], options=ReplayOptions(no_model=True))
     assert [f.code for f in diag.findings if f.severity.name != "INFO"][:1] == ["HD806"]
-    assert not higgs_diag.replay(ckpt("healthy"), [dumps("healthy")], no_model=True).by_code("HD806")
+    assert not higgs_diag.replay_batch(ckpt("healthy"), [dumps("healthy")], options=ReplayOptions(no_model=True)).by_code("HD806")
 
 
 def test_unmasked_segment_bos_hd809(tmp_path):
     """A collator that trains the stream BOS: labels [BOS, codes, EOS] instead of [-100, codes, EOS]."""
     b = M.collate(M.make_samples(4, 3))
     b["label_audio_ids"][:, b["audio_out_ids_start"]] = M.STREAM_BOS  # what that collator writes
-    diag = higgs_diag.replay(ckpt("healthy"), [_dump(tmp_path, "b.pt", b)], no_model=True)
+    diag = higgs_diag.replay_batch(ckpt("healthy"), [_dump(tmp_path, "b.pt", b)], options=ReplayOptions(no_model=True))
     hd809 = diag.by_code("HD809")
     assert hd809 and hd809[0].severity.name == "WARNING"
-    assert not higgs_diag.replay(ckpt("healthy"), [dumps("healthy")], no_model=True).by_code("HD809")
+    assert not higgs_diag.replay_batch(ckpt("healthy"), [dumps("healthy")], options=ReplayOptions(no_model=True)).by_code("HD809")
 
 
 def test_logged_loss_of_another_formula_hd808(tmp_path):
@@ -217,12 +219,14 @@ def test_logged_loss_of_another_formula_hd808(tmp_path):
     from higgs_diag.batch import load_batch
 
     batch_file = dumps("healthy") / "step-000200.pt"
-    ev = higgs_diag.replay.replay_evidence(ckpt("healthy"), [batch_file])
+    from higgs_diag.replay.api import measure
+
+    ev = measure(ckpt("healthy"), [batch_file])
     per_cb = ev.batches[0].model.audio_ce_per_cb
     tensors, meta = load_batch(batch_file)
     summed = float(sum(per_cb))
     p = _dump(tmp_path, "step-000200.pt", tensors, {"step": 200, "losses": {"audio_loss": summed}})
-    diag = higgs_diag.replay(ckpt("healthy"), [p])
+    diag = higgs_diag.replay_batch(ckpt("healthy"), [p])
     hd808 = diag.by_code("HD808")
     assert hd808 and f"{summed:.4g}"[:4] in hd808[0].evidence[0]
-    assert not higgs_diag.replay(ckpt("healthy"), [batch_file]).by_code("HD808")
+    assert not higgs_diag.replay_batch(ckpt("healthy"), [batch_file]).by_code("HD808")

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import make_runs as M  # noqa: E402
 
 import higgs_diag  # noqa: E402
+from higgs_diag.config import ReplayOptions  # noqa: E402
 from higgs_diag.batch import load_batch  # noqa: E402
 from higgs_diag.replay.checkpoint import inspect_checkpoint  # noqa: E402
 from higgs_diag.replay.errors import ReplayError  # noqa: E402
@@ -26,8 +27,8 @@ REPLAY = ROOT / "fixtures" / "replay"
 BATCH = REPLAY / "healthy" / "higgs-diag" / "batches" / "step-000200.pt"
 
 
-def load(path, **kw):
-    model, source = load_checkpoint(path, device="cpu", dtype="float32", **kw)
+def load(path, run=None, **kw):
+    model, source = load_checkpoint(path, run_dir=run, options=ReplayOptions(device="cpu", dtype="float32", **kw))
     return source, model
 
 
@@ -117,13 +118,13 @@ def test_wrapper_lora_without_adapter_config_needs_lora_alpha(tmp_path):
     _, ref = load(REPLAY / "healthy-wrapper" / "checkpoint-200")
     torch.testing.assert_close(audio_logits(model), audio_logits(ref))
     with pytest.raises(ReplayError, match="no config.json and no logged model_config"):
-        higgs_diag.replay(ck, [BATCH], lora_alpha=16)
+        higgs_diag.replay_batch(ck, [BATCH], options=ReplayOptions(lora_alpha=16))
 
 
 def test_plain_wrapper_uses_the_logged_model_config():
     """fixtures/runs/eval-loss-missing: a wrapper nn.Module without LoRA and no config.json; the config comes from
     the run's TensorBoard model_config."""
-    diag = higgs_diag.replay(ROOT / "fixtures" / "runs" / "eval-loss-missing" / "checkpoint-20", [BATCH])
+    diag = higgs_diag.replay_batch(ROOT / "fixtures" / "runs" / "eval-loss-missing" / "checkpoint-20", [BATCH])
     s = diag.summary["replay"]
     assert s["checkpoint_kind"] == "wrapper" and "model_config" in s["config_from"]
     assert diag.findings[0].code == "HD805" and str(diag.findings[0].severity) == "critical"
@@ -176,8 +177,8 @@ def test_missing_boson_multimodal_is_one_clear_message(monkeypatch):
             monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "boson_multimodal", None)
     with pytest.raises(ReplayError, match="boson_multimodal.*pip install boson-multimodal.*--no-model"):
-        higgs_diag.replay(REPLAY / "healthy" / "checkpoint-200", [BATCH])
-    diag = higgs_diag.replay(REPLAY / "healthy" / "checkpoint-200", [BATCH], no_model=True)  # works without it
+        higgs_diag.replay_batch(REPLAY / "healthy" / "checkpoint-200", [BATCH])
+    diag = higgs_diag.replay_batch(REPLAY / "healthy" / "checkpoint-200", [BATCH], options=ReplayOptions(no_model=True))  # works without it
     assert diag.findings[0].code == "HD800"
 
 
@@ -194,7 +195,7 @@ def test_pickled_weights_are_refused_never_loaded(tmp_path):
     shutil.copy(REPLAY / "healthy" / "checkpoint-200" / "config.json", ck)
     torch.save({"embed_tokens.weight": Evil()}, ck / "pytorch_model.bin")
     with pytest.raises(ReplayError, match="pytorch_model.bin, a pickle.*never unpickles"):
-        higgs_diag.replay(ck, [BATCH])
+        higgs_diag.replay_batch(ck, [BATCH])
     assert not marker.exists()
 
 
@@ -241,5 +242,5 @@ def test_moved_run_finds_its_base_next_to_the_checkpoint(tmp_path, scenario):
     run = tmp_path / "elsewhere" / scenario
     shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "replay" / scenario, run)
     ckpt = next(run.glob("checkpoint-*"))
-    diag = higgs_diag.replay(ckpt, [run / "higgs-diag" / "batches"])
+    diag = higgs_diag.replay_batch(ckpt, [run / "higgs-diag" / "batches"])
     assert diag.verdict == "healthy", [(f.code, f.title) for f in diag.findings]

@@ -128,8 +128,8 @@ def test_default_label_names_are_transformers_find_labels():
 def test_keyerror_at_save_is_predicted_critical(tmp_path):
     """The wrapper without label_names and best model by eval_loss: training stops with the KeyError; the replay's
     finding on the saved checkpoint is critical and names the fix."""
-    from higgs_diag.checks import run_replay_checks
-    from higgs_diag.replay.evidence import BatchRecord, ReplayEvidence
+    from higgs_diag.checks import run_checks
+    from higgs_diag.evidence import BatchRecord, ReplayEvidence
 
     args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True, report_to=[],
                              remove_unused_columns=False, disable_tqdm=True, eval_strategy="steps", eval_steps=2,
@@ -144,5 +144,5 @@ def test_keyerror_at_save_is_predicted_critical(tmp_path):
     pred = predict_eval_loss(json.loads(args.to_json_string()), source.model_class, sorted(M.collate(
         M.make_samples(2, 3))))
     ev = ReplayEvidence(source=source, batches=[BatchRecord(path="b.pt")], eval=pred)
-    f = [x for x in run_replay_checks(ev) if x.code == "HD805"]
+    f = [x for x in run_checks(None, replay_evidence=ev) if x.code == "HD805"]
     assert f and str(f[0].severity) == "critical" and 'label_names=["label_ids", "label_audio_ids"]' in f[0].fix

@@ -36,7 +36,7 @@ def test_monitor_dump_and_checkpoint_replay_to_the_unshifted_cause(tmp_path):
     step = int(dumps[0].stem.split("-")[1])
     ckpt = out / f"checkpoint-{step}"
     assert ckpt.is_dir() and tr.state.global_step == step
-    diag = higgs_diag.replay(ckpt, dumps)
+    diag = higgs_diag.replay_batch(ckpt, dumps)
     f = diag.findings[0]
     assert f.code == "HD801", [x.title for x in diag.findings]
     b = diag.summary["replay"]["batches"][0]

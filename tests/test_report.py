@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from higgs_diag.diagnosis import Diagnosis, Finding, Severity
+from higgs_diag.api import summarize
 from higgs_diag.report import decimate, make_plots, render, render_html, render_json, render_markdown, \
     render_text, should_color, write_reports
 from higgs_diag.report.markdown import md_code, md_text
@@ -52,6 +53,14 @@ def make_run(n: int = 2000) -> Run:
     run.problems = [ReadProblem(file="events.out.tfevents.2", message=f"truncated record {EVIL}", offset=1234,
                                 kind="truncated")]
     return run
+
+
+def with_run(diag: Diagnosis, run: Run | None) -> Diagnosis:
+    """The diagnosis as higgs_diag.api builds it: carrying its run and the summary of what was read."""
+    if run is not None:
+        diag.run = run
+        diag.summary.update(summarize(run))
+    return diag
 
 
 def make_diag(target: str = f"/runs/exp|1 {EVIL}") -> Diagnosis:
@@ -108,8 +117,9 @@ def _assert_safe_html(page: str) -> None:
 
 def test_html_escapes_user_data_and_is_self_contained(tmp_path):
     run, diag = make_run(), make_diag()
-    plots = make_plots(run, diag, tmp_path)
-    page = render_html(diag, run, plots)
+    diag = with_run(diag, run)
+    plots = make_plots(diag, tmp_path)
+    page = render_html(diag, plots)
     _assert_safe_html(page)
     assert page.count('src="data:image/png;base64,') == len(plots) >= 3
     assert "truncated record" in page  # read problems listed
@@ -118,7 +128,7 @@ def test_html_escapes_user_data_and_is_self_contained(tmp_path):
 
 
 def test_html_via_render_inlines_plots():
-    page = render(make_diag(), make_run(), "html")
+    page = render(with_run(make_diag(), make_run()), "html")
     _assert_safe_html(page)
     assert 'src="data:image/png;base64,' in page
 
@@ -131,7 +141,7 @@ def test_html_without_run_and_healthy():
 
 # ---------------------------------------------------------------- Markdown
 def test_markdown_escapes_structure():
-    md = render_markdown(make_diag(), make_run(), {"loss": "plots/loss.png"})
+    md = render_markdown(with_run(make_diag(), make_run()), {"loss": "plots/loss.png"})
     # raw HTML from the data appears only inside code spans (where it is literal text)
     assert "<script>" not in re.sub(r"(`+)(.+?)\1", "", md)
     assert "\\<script\\>" in md
@@ -154,7 +164,7 @@ def test_md_code_spans_survive_backticks_and_pipes():
 
 # ---------------------------------------------------------------- text
 def test_text_report_plain():
-    text = render_text(make_diag(), make_run(), color=False)
+    text = render_text(with_run(make_diag(), make_run()), color=False)
     assert "\x1b" not in text
     assert "[CRITICAL] HD101 eval-loss-missing: eval_loss never logged" in text
     assert "Why:" in text and "Fix:" in text and "Steps: 200-2000" in text and "Caused by: HD101" in text
@@ -225,8 +235,9 @@ def test_plots_exist_and_are_fast(tmp_path):
     before = run.scalars.copy()
     diag = Diagnosis(target="r", findings=[Finding("HD401", "grad-explosion", Severity.WARNING, "spike",
                                                    steps=(70_000, 70_000), metrics=("grad_norm",))])
+    diag.run = run
     t0 = time.perf_counter()
-    plots = make_plots(run, diag, tmp_path)
+    plots = make_plots(diag, tmp_path)
     elapsed = time.perf_counter() - t0
     assert set(plots) == {"grad_norm", "loss"}
     for p in plots.values():
@@ -239,7 +250,7 @@ def test_make_plots_does_not_touch_pyplot_backend(tmp_path):
     import matplotlib
 
     backend = matplotlib.get_backend()
-    make_plots(make_run(200), make_diag(), tmp_path)
+    make_plots(with_run(make_diag(), make_run(200)), tmp_path)
     assert matplotlib.get_backend() == backend
 
 
@@ -251,7 +262,7 @@ def test_write_reports_atomic(tmp_path):
     run = make_run()
     run.scalars = run.scalars[run.scalars["metric"] != "eval_loss"]
     run.scalars = run.scalars[run.scalars["metric"] != "eval_runtime"]
-    paths = write_reports(make_diag(), run, out)
+    paths = write_reports(with_run(make_diag(), run), out)
     assert {"report.json", "report.md", "report.html"} <= set(paths)
     assert {"plots/loss.png", "plots/grad_norm.png", "plots/learning_rate.png"} <= set(paths)
     assert not (out / "plots" / "eval.png").exists()
@@ -265,16 +276,16 @@ def test_write_reports_atomic(tmp_path):
 
 
 def test_write_reports_without_run(tmp_path):
-    paths = write_reports(make_diag(), None, tmp_path / "r")
+    paths = write_reports(make_diag(), tmp_path / "r")
     assert set(paths) == {"report.json", "report.md", "report.html"}
 
 
 def test_render_formats():
-    diag, run = make_diag(), make_run(300)
+    diag = with_run(make_diag(), make_run(300))
     for fmt in ("text", "markdown", "md", "json", "html"):
-        assert render(diag, run, fmt)
+        assert render(diag, fmt)
     with pytest.raises(ValueError):
-        render(diag, run, "pdf")
+        render(diag, "pdf")
 
 
 def test_report_package_does_not_import_torch():

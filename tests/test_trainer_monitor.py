@@ -2,6 +2,8 @@
 boson-ai/higgs-audio#94) trained by HiggsAudioTrainer on the tiny model, plus the rule itself step by step."""
 from __future__ import annotations
 
+import math
+
 import logging
 
 import pytest
@@ -49,10 +51,17 @@ def collapse(tmp_path_factory):
 def test_monitor_fires_warning_sustained_critical_and_stops(collapse):
     out, trainer, monitor, records = collapse
     kinds = [a.kind for a in monitor.alerts]
-    assert kinds[:3] == ["warning", "sustained", "critical"], kinds
-    warn, sus, crit = monitor.alerts[:3]
-    assert warn.value < 0.01 <= monitor.warning and crit.value < 0.005
-    assert warn.step < sus.step < crit.step and sus.step - warn.step + 1 >= 20
+    # warning, then sustained, then critical (a loss hovering at the scaled level may recover in between)
+    first = {k: kinds.index(k) for k in ("warning", "sustained", "critical")}
+    assert first["warning"] < first["sustained"] < first["critical"], kinds
+    warn, sus, crit = (monitor.alerts[first[k]] for k in ("warning", "sustained", "critical"))
+    episode = max(a.step for a in monitor.alerts[:first["sustained"]] if a.kind == "warning")
+    # the seed's levels (0.01 / 0.005, set for the release's 1026 classes) scaled to the tiny model's 18 classes:
+    # the same fraction of the uniform reference ln(codebook_size + 2)
+    scale = math.log(18) / math.log(1026)
+    assert monitor.warning == pytest.approx(0.01 * scale) and monitor.critical == pytest.approx(0.005 * scale)
+    assert warn.value < monitor.warning and crit.value < monitor.critical
+    assert warn.step < sus.step < crit.step and sus.step - episode + 1 >= 20
     assert trainer.state.global_step == crit.step < 300  # stop_on_critical
     assert (out / f"checkpoint-{crit.step}" / "model.safetensors").is_file()  # saved for replay
     msgs = [r.getMessage() for r in records]

@@ -1,34 +1,11 @@
 """Small helpers shared by the checks (formatting evidence, picking series)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
 
-
-def fmt(v: float) -> str:
-    """A value as a user reads it in a log: 4 significant digits, nan/inf spelled out."""
-    if v is None:
-        return "none"
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Inf" if x > 0 else "-Inf"
-    if x == 0:
-        return "0.0"
-    if abs(x) >= 1e5 or abs(x) < 1e-3:
-        return f"{x:.3g}"
-    return f"{x:.4g}"
-
-
-def steps_text(first: int, last: int) -> str:
-    """``step 20`` or ``steps 20-40``."""
-    return f"step {first}" if first == last else f"steps {first}-{last}"
+from ..formatting import fmt, steps_text  # noqa: F401  (re-exported: the rules import them from here)
 
 
 def finite(s: pd.Series) -> pd.Series:

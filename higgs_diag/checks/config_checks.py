@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import Thresholds
 from ..diagnosis import Finding, Severity
+from ..hf_args import best_metric_name
 from . import REGISTRY, check, finding
 
 # Seed 000's hyperparameter table (Higgs Audio v2 zero-shot voice cloning, 800 h, 8 GPUs) and its Arabic
@@ -26,20 +27,6 @@ RECOMMENDED = {
     "arabic": {"learning_rate": (1e-5, 3e-5), "warmup_steps": (500, 1000), "per_device_train_batch_size": (2, 4)},
 }
 _ARABIC = {"ar", "ara", "arabic"}
-
-
-def best_metric_name(args: dict | None) -> str | None:
-    """The metric the Trainer compares for the best checkpoint, named as in the eval metrics (HF's rule:
-    ``load_best_model_at_end`` without ``metric_for_best_model`` means ``loss``; an ``eval_`` prefix is added).
-    The one resolution of ``metric_for_best_model``: pass ``run.args`` for a run."""
-    if not args:
-        return None
-    m = args.get("metric_for_best_model")
-    if m is None and args.get("load_best_model_at_end"):
-        m = "loss"
-    if not m:
-        return None
-    return str(m) if str(m).startswith("eval_") else f"eval_{m}"
 
 
 def _strategy(args: dict, name: str) -> str:

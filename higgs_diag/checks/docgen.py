@@ -1,45 +1,43 @@
 """Render the check catalogue (docs/checks.md) from the registry: `python -m higgs_diag.checks.docgen`."""
 from __future__ import annotations
 
-import re
-
 from ..config import Thresholds
-from . import all_codes, load_all
-
-SECTIONS = ("What it detects:", "Why it happens:", "Example:", "Fix:")
+from . import SECTIONS, doc_sections, load_all
 
 
-def _md(doc: str) -> str:
-    lines = doc.splitlines()
-    head, body = lines[0], "\n".join(lines[1:]).strip()
+def rule_markdown(c) -> str:
+    """One rule's documentation as Markdown (the same text `higgs-diag explain` prints)."""
+    sec = doc_sections(c.doc)
+    out = [f"_{sec['summary']}_", ""]
     for s in SECTIONS:
-        body = re.sub(rf"(^|\n){re.escape(s)}\s*", rf"\1\n**{s[:-1]}.** ", body)
-    return f"_{head}_\n\n{body.strip()}\n"
+        out += [f"**{s}.** {sec.get(s, '')}", ""]
+    if c.thresholds:
+        out += ["Thresholds: " + ", ".join(f"`{n}` = `{getattr(Thresholds(), n)!r}`" for n in c.thresholds), ""]
+    return "\n".join(out)
 
 
 def render() -> str:
-    load_all()
+    rules = load_all()
     out = ["# Check catalogue", "",
            "Generated from the check registry by `make docs` (`python -m higgs_diag.checks.docgen`); "
-           "a test fails when this file is stale. `higgs-diag explain CODE` prints the same text.", "",
+           "a test fails when this file is stale. `higgs-diag explain CODE` prints the same text, and every "
+           "finding of a rule carries its \"Why it happens\" and \"Fix\".", "",
+           "Select or silence rules with `--select` / `--ignore` (codes, code prefixes such as `HD8`, or "
+           "categories), on the command line or as `select = [...]` / `ignore = [...]` in the `--config` file.", "",
            "| code | category | scope | summary |", "|---|---|---|---|"]
-    codes = all_codes()
-    for code, (c, cat) in codes.items():
-        summary = c.summary if code == c.code else f"emitted by {c.code}: {c.summary}"
-        out.append(f"| [{code}](#{code.lower()}) | `{cat}` | {c.scope} | {summary} |")
+    for code, c in rules.items():
+        out.append(f"| [{code}](#{code.lower()}) | `{c.category}` | {c.scope} | {c.summary} |")
     out.append("")
-    seen = set()
-    for code, (c, cat) in codes.items():
-        if c.code in seen:
-            continue
-        seen.add(c.code)
-        extra = "".join(f", {k} (`{v}`)" for k, v in c.also.items())
-        anchors = "".join(f'<a id="{k.lower()}"></a>' for k in c.also)  # the table links every code
-        out += [f"## {c.code}", "", f"{anchors}Category `{c.category}`{extra}; scope: {c.scope}.", "", _md(c.doc)]
+    for code, c in rules.items():
+        out += [f"## {code}", "", f"Category `{c.category}`; scope: {c.scope}.", "", rule_markdown(c)]
+    users: dict[str, list[str]] = {}
+    for code, c in rules.items():
+        for n in c.thresholds:
+            users.setdefault(n, []).append(code)
     out += ["## Thresholds", "", "Override with `--set NAME=VALUE` or `--config FILE` (JSON or TOML).", "",
-            "| name | default |", "|---|---|"]
+            "| name | default | used by |", "|---|---|---|"]
     for name in Thresholds.names():
-        out.append(f"| `{name}` | `{getattr(Thresholds(), name)!r}` |")
+        out.append(f"| `{name}` | `{getattr(Thresholds(), name)!r}` | {', '.join(users.get(name, [])) or 'the trainer'} |")
     return "\n".join(out) + "\n"
 
 

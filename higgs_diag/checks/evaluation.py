@@ -9,7 +9,7 @@ import numpy as np
 from ..diagnosis import Severity
 from . import causes, check, finding
 from ._util import fmt, is_higgs_run, steps_text
-from .config_checks import best_metric_name
+from ..hf_args import best_metric_name
 
 EVAL_LOSS_RE = re.compile(r"^eval_(?:.+_)?loss$")
 EVAL_RUNTIME_RE = re.compile(r"^eval_(?:.+_)?runtime$")

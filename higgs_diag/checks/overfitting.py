@@ -15,7 +15,7 @@ from ..diagnosis import Finding, Severity
 from ..run.model import Run
 from . import check, finding
 from ._util import finite, fmt, loss_not_cross_entropy, smoothed, value_at
-from .config_checks import best_metric_name
+from ..hf_args import best_metric_name
 
 # eval_* keys that measure the evaluation itself, not the model's quality
 _NOT_QUALITY = ("_runtime", "_per_second", "num_tokens", "gen_len", "_epoch", "_step", "_samples")
@@ -98,7 +98,7 @@ class _Rise:
         return (self.last - self.vmin) / self.vmin
 
 
-def _eval_rise(run: Run, t: Thresholds) -> _Rise | None:
+def eval_rise(run: Run, t: Thresholds) -> _Rise | None:
     ev_all, dropped = _last_session(run, "eval_loss")
     ev_loss = finite(ev_all)
     if len(ev_loss) < max(2, t.overfit_min_evals):
@@ -209,7 +209,7 @@ def overfitting(run: Run, t: Thresholds) -> list[Finding]:
     `EarlyStoppingCallback(early_stopping_patience=3)`; train fewer epochs or with a lower
     `learning_rate`; add regularisation (`weight_decay=0.01`, LoRA `lora_dropout=0.1`) or more data.
     """
-    r = _eval_rise(run, t)
+    r = eval_rise(run, t)
     if r is None or r.other_improves:
         return []
     trend = {True: " while the train loss keeps falling: overfitting",
@@ -241,7 +241,7 @@ def loss_rises_metric_improves(run: Run, t: Thresholds) -> list[Finding]:
     set to it (and `greater_is_better` right for it), `save_steps` a multiple of `eval_steps`, and
     `EarlyStoppingCallback` on that metric; stop when it stops improving.
     """
-    r = _eval_rise(run, t)
+    r = eval_rise(run, t)
     if r is None or not r.other_improves:
         return []
     return [finding(

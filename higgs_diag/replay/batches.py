@@ -8,14 +8,16 @@ pattern) is evidence for the findings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..batch import (BatchError, BatchSpec, META_KEY, batch_stats, finite_or_none, load_batch, validate_batch)
+from ..batch import (BatchError, BatchSpec, META_KEY, batch_stats, finite_or_none, load_batch, target_leaks,
+                     validate_batch)
 from .errors import ReplayError
-from .evidence import BatchRecord
+from ..evidence import BatchRecord
 
 BATCH_SUFFIXES = (".pt", ".pth", ".safetensors")
 # validate_batch kinds that make a batch unusable for a forward pass
@@ -61,16 +63,19 @@ def _meta_losses(meta: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _step(meta: dict[str, Any], path: Path) -> int | None:
+def batch_step(meta: dict[str, Any], path: Path) -> tuple[int | None, str | None]:
+    """The training step a batch was used at, and where that came from: its dump's meta (``step`` /
+    ``global_step``), else a ``step-N`` / ``stepN`` in its file name."""
     s = meta.get("step", meta.get("global_step"))
-    if isinstance(s, (int, float)) and not isinstance(s, bool):
-        return int(s)
+    if isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and abs(s) < 2 ** 62:
+        return int(s), "meta"
     m = STEP_RE.search(path.stem)
-    return int(m.group(1)) if m else None
+    return (int(m.group(1)), "file name") if m else (None, None)
 
 
-def load_checked(path: Path, spec: BatchSpec, max_masked_share: float):
-    """Load one batch file and run the batch checks. Returns (tensors, BatchRecord)."""
+def load_checked(path: Path, spec: BatchSpec, max_masked_share: float, step: int | None = None):
+    """Load one batch file and run the batch checks. Returns (tensors, BatchRecord). ``step`` overrides the
+    batch's own step (``--batch-step``)."""
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says it all
             warnings.simplefilter("ignore")
@@ -84,12 +89,16 @@ def load_checked(path: Path, spec: BatchSpec, max_masked_share: float):
     for i in issues:
         if i.kind in STRUCTURAL:
             raise ReplayError(f"{path}: {i.field}: {i.message}; the model cannot run this batch")
-    stats = batch_stats(tensors, spec)
+    stats = dataclasses.asdict(batch_stats(tensors, spec))
+    stats["target_leaks"] = [list(h) for h in target_leaks(tensors, spec)]
     plain_meta = {k: v for k, v in meta.items() if k != META_KEY}
+    found, step_from = batch_step(meta, path)
+    if step is not None:
+        found, step_from = step, "--batch-step"
     rec = BatchRecord(
-        path=str(path), step=_step(meta, path), keys=sorted(tensors),
+        path=str(path), step=found, step_from=step_from, keys=sorted(tensors),
         shapes={k: list(v.shape) for k, v in tensors.items()}, meta=plain_meta,
-        stats=dataclasses.asdict(stats), issues=[dataclasses.asdict(i) for i in issues],
+        stats=stats, issues=[dataclasses.asdict(i) for i in issues],
     )
     rec.meta["losses"] = _meta_losses(meta)
     return tensors, rec

@@ -23,7 +23,7 @@ from typing import Any
 from ..layout import (ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, LORA_ADAPTERS_DIR, MODEL_CONFIG,
                       PICKLE_WEIGHTS, SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS, TRAINER_STATE, checkpoint_step_of)
 from .errors import ReplayError
-from .evidence import ModelSource
+from ..evidence import ModelSource
 from .safetensors_header import read_header
 
 ANCHORS = ("audio_codebook_embeddings.weight", "embed_tokens.weight")  # keys every HiggsAudioModel has

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checks.config_checks import best_metric_name
-from .evidence import EvalPrediction
+from ..hf_args import best_metric_name
+from ..evidence import EvalPrediction
 
 HIGGS_LABELS = ["label_ids", "label_audio_ids"]
 # transformers.utils.find_labels(cls) for the classes a Higgs checkpoint implies (checked against the real

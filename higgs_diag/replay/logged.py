@@ -12,7 +12,7 @@ import numpy as np
 
 from ..layout import EVENT_FILE_MARK, LOGGING_DIR, LORA_ADAPTERS_DIR, TRAINER_STATE, has_checkpoint_folders, \
     is_checkpoint_name
-from .evidence import BatchRecord, LoggedLosses
+from ..evidence import BatchRecord, LoggedLosses
 
 
 def loss_metrics(run) -> list[str]:

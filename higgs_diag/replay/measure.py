@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..batch import FIELDS, IGNORE_INDEX
 from ..losses import dual_loss, scored_text_positions
 from .errors import ReplayError
-from .evidence import ModelRecord
+from ..evidence import ModelRecord
 
 
 def forward_params(model) -> set[str]:
@@ -73,6 +73,25 @@ def _text(rec: ModelRecord, logits: torch.Tensor, labels: torch.Tensor, ids: tor
     rec.n_text_unshifted = int(y_u.numel())
     if rec.n_text_unshifted:
         rec.text_ce_unshifted_sum = float(F.cross_entropy(rows_u.float(), y_u, reduction="sum"))
+
+
+def _text_unexpanded(rec: ModelRecord, logits: torch.Tensor, raw: torch.Tensor) -> None:
+    """The text CE against the collator's label_ids as they are (not expanded over the audio spans), both
+    shifted and at the same position, over the first min(T_labels, T_logits) positions: what a trainer that pops
+    ``label_ids`` and ignores ``expanded_labels`` computes."""
+    if raw.dim() != 2 or raw.shape[0] != logits.shape[0]:
+        return
+    n = min(raw.shape[1], logits.shape[1])
+    rec.text_expansion += int(logits.shape[1] - raw.shape[1])
+    for unshifted in (False, True):
+        rows, y, _ = scored_text_positions(logits[:, :n], raw[:, :n], unshifted=unshifted)
+        if not y.numel():
+            continue
+        ce = float(F.cross_entropy(rows.float(), y, reduction="sum"))
+        if unshifted:
+            rec.n_text_unexpanded_same, rec.text_ce_unexpanded_same_sum = int(y.numel()), ce
+        else:
+            rec.n_text_unexpanded, rec.text_ce_unexpanded_sum = int(y.numel()), ce
 
 
 def _audio(rec: ModelRecord, al: torch.Tensor, labels: torch.Tensor | None, ids: torch.Tensor | None) -> None:
@@ -149,6 +168,11 @@ def checks_on_outputs(out: Any, inputs: dict[str, torch.Tensor]) -> ModelRecord:
             rec.logits_finite = _finite_rows(logits, labels, get("attention_mask"))
             if labels is not None and labels.shape == logits.shape[:2]:
                 _text(rec, logits, labels, ids)
+            else:
+                rec.expanded_labels_missing += 1
+            raw = inputs.get("label_ids")
+            if raw is not None:
+                _text_unexpanded(rec, logits, raw)
         if al is not None:
             rec.audio_logits_shape = list(al.shape)
             rec.vocab_audio = int(al.shape[-1])

@@ -1,5 +1,6 @@
-"""The renderer family: one Diagnosis (and optionally the Run it came from) rendered as text,
-Markdown, JSON or a self-contained HTML page with plots. No torch, no transformers here.
+"""The renderer family: one Diagnosis rendered as text, Markdown, JSON or a self-contained HTML page with
+plots. Everything a renderer shows travels in the Diagnosis: its findings, its ``summary`` (what was read)
+and, for the plots, the Run it came from (``diag.run``). No torch, no transformers here.
 
 ``write_reports`` writes every format into an output folder atomically; ``render`` returns one format
 as a string (for stdout).
@@ -24,8 +25,8 @@ FORMATS = ("text", "markdown", "json", "html")
 _ALIASES = {"md": "markdown", "txt": "text"}
 
 
-def write_reports(diag: Diagnosis, run, out_dir: Path | str) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md``, ``report.html`` and ``plots/*.png`` (when a run is given)
+def write_reports(diag: Diagnosis, out_dir: Path | str) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md``, ``report.html`` and ``plots/*.png`` (when the diagnosis has a run)
     into ``out_dir`` (created if missing). Each file is written atomically (temp file in the same
     folder, then ``os.replace``); plots of an earlier report that this run has no data for are
     removed. Returns ``{relative name: path}``, e.g. ``{"report.json": ..., "plots/loss.png": ...}``."""
@@ -33,9 +34,9 @@ def write_reports(diag: Diagnosis, run, out_dir: Path | str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     plots: dict[str, Path] = {}
-    if run is not None:
+    if diag.run is not None:
         plot_dir = out_dir / "plots"
-        plots = make_plots(run, diag, plot_dir)
+        plots = make_plots(diag, plot_dir)
         for name in PLOT_NAMES:  # a stale plot from a previous report would contradict this one
             stale = plot_dir / f"{name}.png"
             if name not in plots and stale.exists():
@@ -44,24 +45,24 @@ def write_reports(diag: Diagnosis, run, out_dir: Path | str) -> dict[str, Path]:
             written[f"plots/{path.name}"] = path
     rel_plots = {name: f"plots/{path.name}" for name, path in plots.items()}
     written["report.json"] = atomic_write(out_dir / "report.json", render_json(diag))
-    written["report.md"] = atomic_write(out_dir / "report.md", render_markdown(diag, run, rel_plots))
-    written["report.html"] = atomic_write(out_dir / "report.html", render_html(diag, run, plots))
+    written["report.md"] = atomic_write(out_dir / "report.md", render_markdown(diag, rel_plots))
+    written["report.html"] = atomic_write(out_dir / "report.html", render_html(diag, plots))
     return written
 
 
-def render(diag: Diagnosis, run=None, fmt: str = "text", color: bool = False) -> str:
+def render(diag: Diagnosis, fmt: str = "text", color: bool = False) -> str:
     """One format as a string: ``text`` (``color`` for ANSI), ``markdown``, ``json`` or ``html`` (plots
     made in a temporary folder and inlined)."""
     fmt = _ALIASES.get(fmt, fmt)
     if fmt == "text":
-        return render_text(diag, run, color=color)
+        return render_text(diag, color=color)
     if fmt == "markdown":
-        return render_markdown(diag, run)
+        return render_markdown(diag)
     if fmt == "json":
         return render_json(diag)
     if fmt == "html":
-        if run is None:
+        if diag.run is None:
             return render_html(diag)
         with tempfile.TemporaryDirectory(prefix="higgs-diag-plots-") as tmp:
-            return render_html(diag, run, make_plots(run, diag, Path(tmp)))
+            return render_html(diag, make_plots(diag, Path(tmp)))
     raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")

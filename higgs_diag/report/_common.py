@@ -1,23 +1,13 @@
 """Helpers shared by the renderers: counts, run facts, step spans, atomic writes. No torch here."""
 from __future__ import annotations
 
-import math
 import os
-import re
 import secrets
 from pathlib import Path
 from typing import Any
 
-from ..diagnosis import Diagnosis, Finding, Severity
-
-# Control characters (C0 except tab/newline, DEL, C1) from logs must not reach a terminal raw.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def clean(text: Any) -> str:
-    """A user-data string safe to print: control characters (ANSI escapes, \\r) shown as ``\\xNN``."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
-
+from ..diagnosis import Diagnosis, Severity
+from ..formatting import clean, fmt_value, span_text  # noqa: F401  (the renderers' shared helpers)
 
 def counts(diag: Diagnosis) -> dict[Severity, int]:
     out = {s: 0 for s in (Severity.CRITICAL, Severity.WARNING, Severity.INFO)}
@@ -30,47 +20,27 @@ def counts_text(diag: Diagnosis) -> str:
     return ", ".join(f"{n} {sev}" for sev, n in counts(diag).items())
 
 
-def steps_text(f: Finding) -> str | None:
-    if not f.steps:
+def run_facts(diag: Diagnosis) -> dict[str, Any] | None:
+    """What was read, from the Diagnosis's summary (computed once by ``higgs_diag.api.summarize``); None for a
+    report without a run (a replay of batch files alone)."""
+    sm = diag.summary or {}
+    if "n_points" not in sm:
         return None
-    a, b = f.steps
-    return str(a) if a == b else f"{a}-{b}"
-
-
-def fmt_value(v: Any) -> str:
-    """A summary value as text: floats with 4 significant digits, NaN/Inf spelled out."""
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "NaN"
-        if math.isinf(v):
-            return "Infinity" if v > 0 else "-Infinity"
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(fmt_value(x) for x in v)
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items())
-    return str(v)
-
-
-def run_facts(run) -> dict[str, Any]:
-    """What was read, for the summary line/section of every report."""
-    df = run.scalars
-    first = int(df["step"].min()) if not df.empty else None
-    last = run.last_step
+    first, last = sm.get("first_step"), sm.get("steps")
     return {
-        "root": str(run.root),
+        "root": str(diag.target),
         "steps": (first, last) if first is not None else None,
-        "metrics": len(run.metrics),
-        "points": run.n_points,
-        "files_read": [str(f) for f in run.files_read],
-        "checkpoints": len(run.checkpoints),
-        "problems": [str(p) for p in run.problems],
+        "metrics": len(sm.get("metrics") or []),
+        "metric_names": list(sm.get("metrics") or []),
+        "points": sm.get("n_points") or 0,
+        "files_read": [str(f) for f in sm.get("files_read") or []],
+        "checkpoints": len(sm.get("checkpoints") or []),
+        "problems": [str(p) for p in sm.get("problems") or []],
     }
 
 
-def run_line(run) -> str:
+def run_line(facts: dict[str, Any]) -> str:
     """One line: ``steps 0-1000 · 12 metrics · 5,000 points · 3 files read · 2 checkpoints``."""
-    facts = run_facts(run)
     parts = []
     if facts["steps"]:
         a, b = facts["steps"]

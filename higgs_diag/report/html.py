@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..diagnosis import SCHEMA, Diagnosis
-from ._common import counts, fmt_value, run_facts, steps_text
+from ._common import counts, fmt_value, run_facts, span_text
 
 _CSS = """
 body { font: 14px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328;
@@ -53,7 +53,7 @@ def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def render_html(diag: Diagnosis, run=None, plots: dict[str, Path] | None = None) -> str:
+def render_html(diag: Diagnosis, plots: dict[str, Path] | None = None) -> str:
     """One self-contained HTML page. ``plots``: ``{name: path to a PNG}``, inlined as data URIs."""
     verdict = diag.verdict
     n = counts(diag)
@@ -90,7 +90,7 @@ def render_html(diag: Diagnosis, run=None, plots: dict[str, Path] | None = None)
             out.append(
                 f'<tr><td>{i}</td><td><span class="sev {_e(sev)}">{_e(sev)}</span></td>'
                 f'<td><a href="#finding-{i}"><code>{_e(f.code)}</code></a></td><td><code>{_e(f.category)}</code></td>'
-                f"<td>{_e(f.title)}</td><td>{_e(steps_text(f) or '')}</td></tr>"
+                f"<td>{_e(f.title)}</td><td>{_e(span_text(f.steps) or '')}</td></tr>"
             )
         out.append("</tbody></table>")
 
@@ -106,7 +106,7 @@ def render_html(diag: Diagnosis, run=None, plots: dict[str, Path] | None = None)
             if f.fix:
                 out.append(f'<p class="text"><span class="label">Fix:</span> {_e(f.fix)}</p>')
             meta = []
-            span = steps_text(f)
+            span = span_text(f.steps)
             if span:
                 meta.append(f'<span class="label">Steps:</span> {_e(span)}')
             if f.caused_by:
@@ -124,16 +124,16 @@ def render_html(diag: Diagnosis, run=None, plots: dict[str, Path] | None = None)
             out.append(f'<figure><img src="{_png_data_uri(path)}" alt="{_e(name)}">'
                        f"<figcaption>{_e(name)}</figcaption></figure>")
 
-    if run is not None:
-        facts = run_facts(run)
+    facts = run_facts(diag)
+    if facts is not None:
         out.append("<h2>Run</h2>")
         rows = [("Root", f"<code>{_e(facts['root'])}</code>")]
         if facts["steps"]:
             rows.append(("Steps", _e(f"{facts['steps'][0]}-{facts['steps'][1]}")))
         rows += [("Metrics read", _e(facts["metrics"])), ("Scalar points", _e(f"{facts['points']:,}")),
                  ("Checkpoints", _e(facts["checkpoints"]))]
-        if run.metrics:
-            rows.append(("Metrics", ", ".join(f"<code>{_e(m)}</code>" for m in run.metrics)))
+        if facts["metric_names"]:
+            rows.append(("Metrics", ", ".join(f"<code>{_e(m)}</code>" for m in facts["metric_names"])))
         out.append("<table><tbody>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
                    + "</tbody></table>")
         if facts["files_read"]:

@@ -10,7 +10,7 @@ from urllib.parse import quote
 from typing import Any
 
 from ..diagnosis import Diagnosis, Severity
-from ._common import clean, counts_text, fmt_value, run_facts, steps_text
+from ._common import clean, counts_text, fmt_value, run_facts, span_text
 
 _INLINE = re.compile(r"([\\`*_\[\]<>|~&!#{}])")
 # At the start of a line these would open a list item ("- x", "1. x") or a setext underline ("==").
@@ -50,7 +50,7 @@ def _cell(text: Any) -> str:
     return md_text(text) or " "
 
 
-def render_markdown(diag: Diagnosis, run=None, plots: dict[str, str] | None = None) -> str:
+def render_markdown(diag: Diagnosis, plots: dict[str, str] | None = None) -> str:
     """The report as GitHub-flavoured Markdown. ``plots``: ``{name: relative path to a PNG}``."""
     out: list[str] = []
     verdict = diag.verdict
@@ -72,7 +72,7 @@ def render_markdown(diag: Diagnosis, run=None, plots: dict[str, str] | None = No
         out.append("|---:|---|---|---|---|---|")
         for i, f in enumerate(diag.findings, 1):
             out.append(f"| {i} | {str(f.severity).upper()} | {md_code(f.code, True)} | {md_code(f.category, True)} "
-                       f"| {_cell(f.title)} | {_cell(steps_text(f) or '')} |")
+                       f"| {_cell(f.title)} | {_cell(span_text(f.steps) or '')} |")
         out.append("")
         for i, f in enumerate(diag.findings, 1):
             out.append(f"### {i}. [{str(f.severity).upper()}] {md_text(f.code)} {md_text(f.category)}: {md_text(f.title)}")
@@ -86,7 +86,7 @@ def render_markdown(diag: Diagnosis, run=None, plots: dict[str, str] | None = No
                 if value:
                     out.append(f"**{label}:** {md_text(value, hard_breaks=True)}")
                     out.append("")
-            span = steps_text(f)
+            span = span_text(f.steps)
             extra = []
             if span:
                 extra.append(f"**Steps:** {span}")
@@ -104,8 +104,8 @@ def render_markdown(diag: Diagnosis, run=None, plots: dict[str, str] | None = No
             out.append(f"![{md_text(name)}]({target})")
             out.append("")
 
-    if run is not None:
-        facts = run_facts(run)
+    facts = run_facts(diag)
+    if facts is not None:
         out.append("## Run")
         out.append("")
         out.append("| | |")

@@ -146,11 +146,14 @@ def _draw_plot(run, diag: Diagnosis, title: str, lines: list[tuple[str, dict]], 
     return fig
 
 
-def make_plots(run, diag: Diagnosis, out_dir: Path) -> dict[str, Path]:
+def make_plots(diag: Diagnosis, out_dir: Path) -> dict[str, Path]:
     """Write ``loss.png``, ``grad_norm.png``, ``learning_rate.png`` and ``eval.png`` (only those with
     data) into ``out_dir``, atomically; returns ``{name: path}`` with names from :data:`PLOT_NAMES`."""
     out_dir = Path(out_dir)
     out: dict[str, Path] = {}
+    run = diag.run
+    if run is None:
+        return out
     for name, title, lines in _plot_specs(run):
         fig = _draw_plot(run, diag, title, lines, log_scale=(name == "grad_norm"))
         if fig is None:

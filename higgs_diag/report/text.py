@@ -6,7 +6,7 @@ import textwrap
 from typing import IO, Any
 
 from ..diagnosis import Diagnosis, Severity
-from ._common import clean, counts_text, fmt_value, run_line, steps_text
+from ._common import clean, counts_text, fmt_value, run_facts, run_line, span_text
 
 WIDTH = 100
 
@@ -50,7 +50,7 @@ def _wrap(label: str, text: str, indent: str = "  ") -> list[str]:
     return out
 
 
-def render_text(diag: Diagnosis, run=None, color: bool = False) -> str:
+def render_text(diag: Diagnosis, color: bool = False) -> str:
     """A readable terminal report. ANSI colour only when ``color`` is True (see :func:`should_color`)."""
 
     def style(name: str, s: str) -> str:
@@ -61,8 +61,9 @@ def render_text(diag: Diagnosis, run=None, color: bool = False) -> str:
         f"{style('bold', 'higgs-diag')} {clean(diag.target)}",
         f"Verdict: {style(verdict, verdict.upper())} ({counts_text(diag)})",
     ]
-    if run is not None:
-        lines.append(f"Run: {clean(run_line(run))}")
+    facts = run_facts(diag)
+    if facts is not None:
+        lines.append(f"Run: {clean(run_line(facts))}")
     elif diag.summary:
         simple = {k: v for k, v in diag.summary.items() if not isinstance(v, (dict, list, tuple))}
         if simple:
@@ -86,7 +87,7 @@ def render_text(diag: Diagnosis, run=None, color: bool = False) -> str:
             lines.extend(_wrap(style("dim", "Why:") if color else "Why:", f.explanation))
         if f.fix:
             lines.extend(_wrap(style("dim", "Fix:") if color else "Fix:", f.fix))
-        span = steps_text(f)
+        span = span_text(f.steps)
         if span:
             lines.append(f"  Steps: {span}")
         if f.caused_by:

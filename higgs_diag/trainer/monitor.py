@@ -3,19 +3,20 @@
 A next-token cross-entropy over the audio codebooks starts near ln(codebook_size + 2) and does not approach 0
 on real speech; when it does, the model is solving a trivial task (most often the unshifted loss: it copies
 its input, FACTS.md §1). The monitor watches the audio loss of every optimizer step (token-weighted over the
-gradient-accumulation micro-batches and the DDP ranks, as computed by :class:`HiggsAudioTrainer`):
+gradient-accumulation micro-batches and the DDP ranks, as computed by :class:`HiggsAudioTrainer`) with the
+one collapse rule, :mod:`higgs_diag.collapse`, that HD201 applies to the logs afterwards:
 
 * ``warning``   when it falls below ``warning`` (``Thresholds.audio_loss_warning``, 0.01),
 * ``critical``  when it falls below ``critical`` (``Thresholds.audio_loss_critical``, 0.005),
 * ``sustained`` when an episode below ``warning`` has lasted ``window`` steps
   (``Thresholds.audio_sustained_window``, 100),
 * ``recovery``  when it has come back to ``warning`` or above and stayed there for ``recovery_steps``
-  (default 10) consecutive steps; shorter excursions do not end the episode, so a loss hovering at the
+  (``Thresholds.audio_recovery_steps``, 10) consecutive steps; shorter excursions do not end the episode, so a loss hovering at the
   threshold gives one warning, not one per step.
 
 Alerts go to the log (``higgs_diag.trainer``) and into the logged metrics: every training log entry carries
-``audio_alert_level`` (the worst state seen since the previous entry: 0 ok, 1 warning, 2 critical,
-3 sustained) and, when the loss recovered in that window, ``audio_alert_recovered`` = 1. On the first
+``audio_alert_level`` (the worst level since the previous entry: 0 ok, 1 warning, 2 critical,
+3 sustained; inside an episode the level is the episode's worst) and, when the loss recovered in that window, ``audio_alert_recovered`` = 1. On the first
 critical alert, process 0 saves the batch that produced it with the step's losses
 (``output_dir/higgs-diag/batches/step-NNNNNN.pt``, :func:`higgs_diag.batch.save_batch`) for
 ``higgs-diag replay-batch``; ``stop_on_critical=True`` then also saves a checkpoint and stops training.
@@ -27,7 +28,6 @@ The trainer binds the monitor (it needs the step's losses and batch): add it thr
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,11 +35,12 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..batch import save_batch
+from ..collapse import LEVEL_NAMES, CollapseTracker, classes_of, scaled_level
 from ..config import Thresholds
 
 logger = logging.getLogger("higgs_diag.trainer")
 
-LEVELS = {"ok": 0, "warning": 1, "critical": 2, "sustained": 3}
+LEVELS = {name: level for level, name in LEVEL_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,6 @@ class Alert:
 
 @dataclass
 class _State:
-    below_since: int | None = None  # first step of the current episode below the warning threshold
-    above_since: int | None = None  # first step of the current run of steps back above it (inside an episode)
-    streak_level: int = 0  # worst level reached in the current streak (1 warning, 2 critical)
-    sustained_fired: bool = False
     window_level: int = 0  # worst level since the last log entry
     window_recovered: bool = False
     dumped: bool = False
@@ -65,19 +62,22 @@ class _State:
 
 
 class AudioLossMonitor(TrainerCallback):
-    """See the module docstring. Thresholds default to ``Thresholds()`` (or the ``thresholds`` given)."""
+    """See the module docstring. Thresholds default to ``Thresholds()`` (or the ``thresholds`` given).
+    The rule itself is :class:`higgs_diag.collapse.CollapseTracker`, the one HD201 applies to the logs."""
 
     def __init__(self, warning: float | None = None, critical: float | None = None, window: int | None = None, *,
                  thresholds: Thresholds | None = None, stop_on_critical: bool = False, save_batch: bool = True,
-                 dump_dir: str | None = None, recovery_steps: int = 10):
+                 dump_dir: str | None = None, recovery_steps: int | None = None):
         t = thresholds or Thresholds()
-        self.warning = float(t.audio_loss_warning if warning is None else warning)
-        self.critical = float(t.audio_loss_critical if critical is None else critical)
-        self.window = int(t.audio_sustained_window if window is None else window)
-        if not self.critical <= self.warning:
-            raise ValueError(f"critical threshold {self.critical} must not exceed the warning threshold {self.warning}")
+        self._levels_given = warning is not None or critical is not None  # explicit levels are taken as given
+        self.tracker = CollapseTracker(
+            float(t.audio_loss_warning if warning is None else warning),
+            float(t.audio_loss_critical if critical is None else critical),
+            int(t.audio_sustained_window if window is None else window),
+            int(t.audio_recovery_steps if recovery_steps is None else recovery_steps))
+        self.warning, self.critical = self.tracker.warning, self.tracker.critical
+        self.window, self.recovery_steps = self.tracker.window, self.tracker.recovery_steps
         self.stop_on_critical = stop_on_critical
-        self.recovery_steps = max(1, int(recovery_steps))
         self.save_batch = save_batch
         self.dump_dir = dump_dir
         self.trainer = None
@@ -97,53 +97,46 @@ class AudioLossMonitor(TrainerCallback):
     def dump_path(self) -> str | None:
         return next((a.dump for a in self._s.history if a.dump), None)
 
+    @property
+    def level(self) -> int:
+        """The collapse level after the last step fed (0 ok, 1 warning, 2 critical, 3 sustained)."""
+        return self.tracker.level
+
     def bind(self, trainer) -> "AudioLossMonitor":
+        """Bind to the trainer; the seed's levels are scaled to the model's codebook geometry (the same rule as
+        HD201: a fraction of ln(codebook_size + 2), unchanged for the release's 1026 classes)."""
         self.trainer = trainer
+        model = getattr(trainer, "model", None)
+        classes = classes_of(getattr(model, "config", None))  # a PeftModel forwards .config to its base
+        if classes is not None and not self._levels_given:
+            self.tracker.warning = self.warning = scaled_level(self.warning, classes)
+            self.tracker.critical = self.critical = scaled_level(self.critical, classes)
         return self
 
     # ---- the rule ------------------------------------------------------------------------------------------
     def update(self, step: int, audio_loss: float | None) -> list[Alert]:
         """Feed one step's audio loss; returns the alerts it raises (also kept in :attr:`alerts`). ``None``
-        (no audio target this step: the trainer counts those) and non-finite values are skipped."""
-        if audio_loss is None or not math.isfinite(audio_loss):
-            return []
-        s, v, new = self._s, float(audio_loss), []
-        level = 2 if v < self.critical else 1 if v < self.warning else 0
-        if level == 0:
-            if s.below_since is not None:
-                if s.above_since is None:
-                    s.above_since = step
-                if step - s.above_since + 1 >= self.recovery_steps:
-                    new.append(Alert("recovery", s.above_since, v, self.warning,
-                                     f"audio_loss recovered: >= {self.warning:g} since step {s.above_since} "
-                                     f"({v:.4g} at step {step}) after {s.above_since - s.below_since} steps of an "
-                                     f"episode below the warning threshold that began at step {s.below_since}"))
-                    s.window_recovered = True
-                    s.below_since, s.above_since, s.streak_level, s.sustained_fired = None, None, 0, False
-        else:
-            s.above_since = None
-            if s.below_since is None:
-                s.below_since = step
-            if level > s.streak_level:
-                kind = "critical" if level == 2 else "warning"
-                thr = self.critical if level == 2 else self.warning
-                new.append(Alert(kind, step, v, thr,
-                                 f"audio_loss {v:.4g} < {thr:g} ({kind}) at step {step}: the audio loss is collapsing "
-                                 f"towards 0, a trivial task (most often the audio loss computed without the "
-                                 f"one-position shift, or label_audio_ids equal to audio_out_ids; see "
-                                 f"`higgs-diag explain HD201`)"))
-                s.streak_level = level
-        if level > 0 and not s.sustained_fired and step - s.below_since + 1 >= self.window:
-            new.append(Alert("sustained", step, v, self.warning,
-                             f"audio_loss below {self.warning:g} for the {step - s.below_since + 1} steps "
-                             f"{s.below_since}-{step} (window {self.window}; excursions above shorter than "
-                             f"{self.recovery_steps} steps do not count): sustained collapse"))
-            s.sustained_fired = True
-        if s.sustained_fired:
-            level = 3
-        s.window_level = max(s.window_level, level)
-        s.history.extend(new)
+        (no audio target this step: the trainer counts those), exact zeros and non-finite values are skipped."""
+        events = self.tracker.update(step, audio_loss)
+        new = [Alert(e.kind, e.step, e.value, e.threshold, self._message(e, step)) for e in events]
+        if any(e.kind == "recovery" for e in events):
+            self._s.window_recovered = True
+        self._s.window_level = max(self._s.window_level, self.tracker.level)
+        self._s.history.extend(new)
         return new
+
+    def _message(self, e, step: int) -> str:
+        if e.kind == "recovery":
+            return (f"audio_loss recovered: >= {self.warning:g} since step {e.step} ({e.value:.4g} at step {step}) "
+                    f"after {e.step - e.episode_start} steps of an episode below the warning threshold that began "
+                    f"at step {e.episode_start}")
+        if e.kind == "sustained":
+            return (f"audio_loss below {self.warning:g} for the {step - e.episode_start + 1} steps "
+                    f"{e.episode_start}-{step} (window {self.window}; excursions above shorter than "
+                    f"{self.recovery_steps} steps do not count): sustained collapse")
+        return (f"audio_loss {e.value:.4g} < {e.threshold:g} ({e.kind}) at step {step}: the audio loss is collapsing "
+                f"towards 0, a trivial task (most often the audio loss computed without the one-position shift, or "
+                f"label_audio_ids equal to audio_out_ids; see `higgs-diag explain HD201`)")
 
     def pop_log_metrics(self) -> dict[str, float]:
         """The metrics for the next training log entry (and reset the window)."""

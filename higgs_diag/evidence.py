@@ -1,12 +1,13 @@
 """What a replay measured: plain data (no torch), read by the replay checks and written into the report.
 
-The replay turns a checkpoint and batch files into these records (``higgs_diag.replay.api``); the checks in
+The replay (``higgs_diag.replay``) turns a checkpoint and batch files into these records (``higgs_diag.replay.api``); the checks in
 ``higgs_diag.checks.replay`` turn the records into findings. Counts and sums are kept rather than means, so
 that batches streamed one at a time (or on several ranks) aggregate exactly.
 """
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -67,6 +68,14 @@ class ModelRecord:
     text_copy: int = 0  # argmax at t == input token at t (over the shifted targets' positions)
     text_repeat: int = 0  # label at t+1 == input at t: how often copying would be right anyway
     text_correct: int = 0  # argmax at t == label at t+1
+    # the text CE against the collator's *unexpanded* label_ids (what a trainer that pops label_ids and skips
+    # the model's expanded_labels computes), truncated to the shorter of the two: shifted and same-position
+    n_text_unexpanded: int = 0
+    text_ce_unexpanded_sum: float = 0.0
+    n_text_unexpanded_same: int = 0
+    text_ce_unexpanded_same_sum: float = 0.0
+    expanded_labels_missing: int = 0  # forwards whose expanded_labels were missing or not as long as the logits
+    text_expansion: int = 0  # positions the audio spans add (expanded length - input length), summed
     # audio, per codebook
     n_audio_per_cb: list[int] = field(default_factory=list)
     audio_ce_sum_per_cb: list[float] = field(default_factory=list)
@@ -89,6 +98,14 @@ class ModelRecord:
     @property
     def text_ce_unshifted(self) -> float | None:
         return _mean(self.text_ce_unshifted_sum, self.n_text_unshifted)
+
+    @property
+    def text_ce_unexpanded(self) -> float | None:
+        return _mean(self.text_ce_unexpanded_sum, self.n_text_unexpanded)
+
+    @property
+    def text_ce_unexpanded_same(self) -> float | None:
+        return _mean(self.text_ce_unexpanded_same_sum, self.n_text_unexpanded_same)
 
     @property
     def audio_ce_per_cb(self) -> list[float | None]:
@@ -177,6 +194,7 @@ class ModelRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(text_ce=self.text_ce, text_ce_unshifted=self.text_ce_unshifted, audio_ce=self.audio_ce,
+                 text_ce_unexpanded=self.text_ce_unexpanded, text_ce_unexpanded_same=self.text_ce_unexpanded_same,
                  audio_ce_unshifted=self.audio_ce_unshifted, audio_ce_per_cb=self.audio_ce_per_cb,
                  audio_ce_unshifted_per_cb=self.audio_ce_unshifted_per_cb, audio_copy_rate=self.audio_copy_rate,
                  audio_repeat_rate=self.audio_repeat_rate, audio_accuracy=self.audio_accuracy,
@@ -206,8 +224,15 @@ class LoggedLosses:
 
 @dataclass
 class BatchRecord:
+    """One batch file as replayed through one checkpoint. ``step`` is the training step the batch was used at
+    (its dump's meta, its name, or ``--batch-step``); ``checkpoint_step`` the step of the weights that measured
+    it (the same batch appears once per checkpoint with ``--all-checkpoints``)."""
+
     path: str
     step: int | None = None
+    step_from: str | None = None  # "meta" | "file name" | "--batch-step"
+    checkpoint: str | None = None
+    checkpoint_step: int | None = None
     keys: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -234,6 +259,21 @@ class BatchRecord:
         d["model"] = ModelRecord.from_dict(d["model"]) if d.get("model") else None
         d["logged"] = LoggedLosses(**d["logged"]) if d.get("logged") else None
         return cls(**d)
+
+
+@dataclass
+class WeightsRecord:
+    """A checkpoint's trainable tensors, fingerprinted (``higgs_diag.replay.weights``): two checkpoints with the
+    same digest hold the same weights; LoRA B matrices that are all zero never received an update."""
+
+    checkpoint: str
+    step: int | None
+    kind: str
+    digest: str
+    n_tensors: int
+    sampled: bool  # True when only the first bytes of each tensor were read (a full model)
+    lora_b_tensors: int = 0
+    lora_b_zero: int = 0
 
 
 @dataclass
@@ -271,15 +311,44 @@ class ReplayEvidence:
     dtype: str | None = None
     world_size: int = 1
     seconds: dict[str, float] = field(default_factory=dict)
+    # fingerprints of the checkpoints' trainable weights (all checkpoints of the run, oldest first)
+    weights: list[WeightsRecord] = field(default_factory=list)
+    # why nothing was replayed (no checkpoint, no batch dumps): the log report stands alone, with a note
+    skipped: str | None = None
+    # the Run the replay belongs to (``analyze --replay``), for rules that weigh replay against the logs;
+    # not part of the report
+    run: Any = field(default=None, repr=False, compare=False)
 
     @property
     def model(self) -> ModelRecord | None:
         return ModelRecord.combine([b.model for b in self.batches if b.model is not None])
 
+    @property
+    def checkpoints(self) -> list[tuple[int | None, str]]:
+        """The checkpoints the batches were replayed through, ``(step, path)`` in step order."""
+        seen = {(b.checkpoint_step, b.checkpoint) for b in self.batches if b.checkpoint is not None}
+        return sorted(seen, key=lambda x: (x[0] is None, x[0] or 0, x[1]))
+
+    @classmethod
+    def merge(cls, parts: list["ReplayEvidence"]) -> "ReplayEvidence":
+        """One evidence from replays through several checkpoints: their batches in (step, checkpoint step)
+        order; the source, eval prediction and config of the latest checkpoint; the timings added up."""
+        if len(parts) == 1:
+            return parts[0]
+        last = max(parts, key=lambda e: (e.source.step or -1) if e.source is not None else -1)
+        out = dataclasses.replace(last, batches=[b for e in parts for b in e.batches], seconds={})
+        out.batches.sort(key=lambda b: (b.step is None, b.step or 0, b.checkpoint_step or 0))
+        for e in parts:
+            for k, v in e.seconds.items():
+                out.seconds[k] = out.seconds.get(k, 0.0) + v
+        return out
+
     def summary(self) -> dict[str, Any]:
         m = self.model
         return {
+            "skipped": self.skipped,
             "checkpoint": self.source.path if self.source else None,
+            "checkpoints": [{"step": st, "path": p} for st, p in self.checkpoints],
             "checkpoint_kind": self.source.kind if self.source else None,
             "model_class": self.source.model_class if self.source else None,
             "checkpoint_step": self.source.step if self.source else None,
@@ -294,5 +363,6 @@ class ReplayEvidence:
             "batches": [b.to_dict() for b in self.batches],
             "model": m.to_dict() if m else None,
             "eval_loss": asdict(self.eval) if self.eval else None,
+            "weights": [asdict(w) for w in self.weights],
             "seconds": dict(self.seconds),
         }
