@@ -96,8 +96,11 @@ class Thresholds:
     # a logged loss matches a recomputed one when their ratio is within this factor
     replay_match_factor: float = 1.5
     # the shifted and unshifted audio CE must differ by at least this factor before a logged loss can tell
-    # which of the two the trainer computed
+    # which of the two the trainer computed ...
     replay_separation_factor: float = 2.0
+    # ... unless the checkpoint is the one of the batch's own step (one update apart): then a logged loss within
+    # this relative tolerance of one and more than twice as far from the other tells
+    replay_exact_tolerance: float = 0.005
     # copy task: the argmax equals the current input token more often than the data's own repeat rate (next
     # target == current input) by at least this much
     replay_copy_margin: float = 0.25

@@ -60,7 +60,7 @@ def _warmup_end(run: Run, t: Thresholds) -> int:
 
 # ---- HD401 / HD406: no learning ------------------------------------------------------------------
 
-@check("HD401", "no-learning", rank=20,
+@check("HD401", "no-learning", rank=0,
        thresholds=("zero_grad_share", "trend_min_points", "suspicious_constants", "masked_min_steps"))
 def zero_gradients(run: Run, t: Thresholds) -> list[Finding]:
     """The model is not being trained: grad_norm is exactly 0 on (nearly) every logged step.

@@ -109,7 +109,7 @@ def aggregate(votes: list[Vote]) -> Severity | None:
 
 
 @check("HD801", "audio-labels-unshifted", rank=1, scope="replay",
-       thresholds=("replay_separation_factor", "replay_copy_margin", "replay_uniform_fraction",
+       thresholds=("replay_separation_factor", "replay_exact_tolerance", "replay_copy_margin", "replay_uniform_fraction",
                    "replay_internal_separation", "replay_pair_max_steps", "replay_pair_max_change"))
 def replay_unshifted(ev: ReplayEvidence, t):
     """Replay: the trainer computes the loss without the one-position shift (the copy task).
@@ -117,11 +117,14 @@ def replay_unshifted(ev: ReplayEvidence, t):
     What it detects: per batch, one of two readings. (1) When the batch's logged loss can be compared with what
     its checkpoint computes (the checkpoint of the batch's own step, or at most `replay_pair_max_steps` (20)
     steps older while the logged loss moved less than `replay_pair_max_change` (10%)): the logged `audio_loss`
-    (or the total `loss`, against the replayed text CE + audio CE) matches the *unshifted* cross-entropy
-    `CE(audio_logits[:, k], label_audio_ids[k, :])` rather than the shifted one, the two being at least
-    `replay_separation_factor` (2x) apart. (2) Otherwise, the checkpoint's own numbers: its argmax equals the
-    *current* input token at least `replay_copy_margin` (25 points) more often than the data repeats its last
-    token, with the same-position CE below the next-token CE; or its next-token CE is at least
+    (or, when only the total `loss` is logged, the total minus the text CE the replay computed on the same
+    batch) matches the *unshifted* cross-entropy `CE(audio_logits[:, k], label_audio_ids[k, :])` rather than the
+    shifted one, the two being at least `replay_separation_factor` (2x) apart, or, through the checkpoint of the
+    batch's own step, the logged value lying within `replay_exact_tolerance` (0.5%) of one and more than twice
+    that from the other (a mild collapse: LoRA, early in training). (2) Otherwise, the checkpoint's own numbers:
+    its argmax equals the *current* input code at least `replay_copy_margin` (25 points) more often than the
+    data repeats its last code (stream BOS/EOS and delay fills excluded), with the same-position CE below the
+    next-token CE; or its next-token CE is at least
     `replay_uniform_fraction` (90%) of the uniform guess ln(codebook_size + 2) while the same-position CE is
     `replay_internal_separation` (1.25x) lower. The same for the text loss. The batches are then combined:
     critical when those that can tell mostly say "unshifted" (all of them, or at least two); a tie is a
@@ -157,7 +160,9 @@ def replay_unshifted(ev: ReplayEvidence, t):
         parts.append(part)
         un = sorted((v for v in votes if v.verdict == "unshifted"), key=lambda v: (v.basis != "logged", v.closeness))
         sh = [v for v in votes if v.verdict == "shifted"]
-        evidence.append(f"{part}: {len(un)} of {len(votes)} replayed batch(es) read as unshifted, {len(sh)} as shifted")
+        n_all = len(with_model(ev))
+        evidence.append(f"{part}: {len(un)} of {n_all} replayed batch(es) read as unshifted, {len(sh)} as shifted"
+                        + (f", {n_all - len(votes)} gave no reading" if n_all > len(votes) else ""))
         evidence += [v.line for v in un[:4]] + [v.line for v in sh[:2]]
     m = ev.model
     if m is not None and m.audio_ce is not None:

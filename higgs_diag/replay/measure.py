@@ -3,9 +3,10 @@
 The audio losses come from ``higgs_diag.losses.dual_loss`` (the trainer's own implementation), shifted and
 unshifted. The text losses use the same formula, CE(logits[:, t], label[t + 1]) averaged over valid targets,
 but index the target rows first so that a 128k-vocabulary logits tensor is never copied whole to float32.
-Copy rates: how often the argmax at a position equals the input token *at that position* (what a model trained
+Copy rates: how often the argmax at a position equals the input code *at that position* (what a model trained
 without the shift learns), next to how often the next target really equals the current input (the data's own
-repeat rate), both over the positions the shifted loss scores.
+repeat rate), both over the positions the shifted loss scores whose current input is a real code (not a stream
+BOS/EOS or delay fill).
 """
 from __future__ import annotations
 
@@ -117,6 +118,9 @@ def _audio(rec: ModelRecord, al: torch.Tensor, labels: torch.Tensor | None, ids:
         return
     pred = al[:-1].argmax(-1)  # [N-1, C]
     cur = ids[:, :-1].t()
+    # copying is judged on real codes: a stream BOS/EOS or a delay fill (ids >= codebook_size) repeats by
+    # construction and says nothing about what the model learned
+    valid = valid & (cur < al.shape[-1] - 2)
     copy = (pred == cur) & valid
     rec.audio_positions = int(valid.sum())
     rec.audio_positions_per_cb = valid.sum(0).tolist()

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..layout import is_checkpoint_name
 from .discover import RunFiles, RunReadError, discover
-from .logs import read_log
+from .logs import read_console
 from .model import ReadProblem, Run, SCALAR_COLUMNS, empty_scalars
 from .trainer_state import KEY_ALIASES, read_trainer_state
 
@@ -169,13 +169,22 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
                         setattr(run, attr, obj)
                         setattr(run, attr + "_file", str(p))
 
+    # Console logs: messages, what they say about the end of training, and the series they printed.
     for p in files.log_files:
-        events, problems = read_log(p)
+        res = read_console(p)
         tick(size(p))
-        run.log_events.extend(events)
-        run.problems.extend(problems)
-        if not problems:
+        run.log_events.extend(res.events)
+        run.problems.extend(res.problems)
+        if res.info is not None:
+            run.consoles.append(res.info)
+        if not res.problems:
             run.files_read.append(str(p))
+        if len(res.steps):
+            parts.append({"step": np.frombuffer(res.steps, dtype=np.int64),
+                          "metric": _categorical_metric(np.asarray(res.metrics, dtype=object)),
+                          "value": np.frombuffer(res.values, dtype=np.float64),
+                          "wall_time": np.full(len(res.steps), np.nan),
+                          "source": "console", "file": str(p)})
 
     run.scalars = _assemble(parts)
 
@@ -187,7 +196,10 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
 
 def _usable(run: Run) -> bool:
     """Whether anything a check can use was read: scalars, a Trainer state, the logged arguments, a console
-    message that matters, or a checkpoint left half-saved (the signature of the KeyError at save).
-    Files that were opened but held none of these (a log without any known message) do not count."""
+    message that matters or the training progress a console showed, or a checkpoint left half-saved (the
+    signature of the KeyError at save). Files that were opened but held none of these (a log without any known
+    message) do not count."""
     half_saved = any(not c.has_trainer_state and (c.has_full_model or c.has_adapter) for c in run.checkpoints)
-    return bool(len(run.scalars) or run.states or run.args or run.model_config or run.log_events or half_saved)
+    progress = any(c.last_step is not None for c in run.consoles)
+    return bool(len(run.scalars) or run.states or run.args or run.model_config or run.log_events or half_saved
+                or progress)

@@ -2,7 +2,7 @@
 
 A ``Run`` holds one tidy long scalars DataFrame with columns
 ``step`` (int64), ``metric`` (str, canonical name), ``value`` (float64, NaN/Inf kept),
-``source`` (str, ``trainer_state`` or ``tensorboard``), ``wall_time`` (float64, NaN when unknown),
+``source`` (str, ``trainer_state``, ``tensorboard`` or ``console``), ``wall_time`` (float64, NaN when unknown),
 ``file`` (str, the file the point came from) and ``segment`` (int, 0 for the first training session,
 +1 at each resume detected in that file's sequence of steps).
 """
@@ -17,6 +17,14 @@ import pandas as pd
 from .. import layout
 
 SCALAR_COLUMNS = ["step", "metric", "value", "source", "wall_time", "file", "segment"]
+# which source Run.series prefers when two have as many points of a metric (files written by the Trainer first)
+SOURCE_PRIORITY = {"trainer_state": 2, "tensorboard": 1, "console": 0}
+
+
+def pick_source(counts) -> str:
+    """The source ``Run.series`` reads a metric from, given ``{source: number of points}`` (a dict or a Series):
+    the most points, then ``SOURCE_PRIORITY``."""
+    return max(counts.keys(), key=lambda src: (counts[src], SOURCE_PRIORITY.get(src, -1)))
 
 
 def empty_scalars() -> pd.DataFrame:
@@ -102,13 +110,43 @@ class CheckpointInfo:
 
 @dataclass
 class LogEvent:
-    """A message that matters, found in a console log."""
+    """A message that matters, found in a console log (the kinds are the names in ``run/console.FORMATS``)."""
 
-    kind: str  # metric-keyerror | no-loss | early-stopping-disabled | newly-initialized | rng-unpickling | traceback | nan-warning
+    kind: str  # metric-keyerror | no-loss | early-stopping-disabled | newly-initialized | rng-unpickling | traceback |
+    #            training-completed | batch-no-get | batch-no-len | peft-labels
     file: str
     line: int  # 1-based
     text: str
-    step: int | None = None
+    step: int | None = None  # the training step the console showed at that point (rank 0), when known
+    rank: int | None = None  # the ``[rankN]:`` prefix of the line, None when unprefixed
+    context: tuple[str, ...] = ()  # for an exception: its innermost traceback frames, ``file:line in function``
+
+
+@dataclass
+class ConsoleInfo:
+    """What one console log says about the end of training (the facts the early-stop rule judges).
+
+    ``last_step`` is the last training step the console showed in its last training session (the HF Trainer's
+    progress bar, or a custom loop's ``Step N`` lines); ``max_steps`` that session's progress-bar total;
+    ``completed`` whether the end-of-training summary (``{'train_runtime': ...}`` or "Training completed.")
+    came after the last training progress."""
+
+    file: str
+    max_steps: int | None = None
+    max_steps_from: str = ""  # where the console gave max_steps: its progress bar or "Total optimization steps"
+    last_step: int | None = None
+    last_step_line: int | None = None
+    completed: bool = False
+    completed_line: int | None = None
+    session_start_line: int = 1
+    sessions: int = 0
+    last_line: str = ""
+    last_line_no: int | None = None
+    lines: int = 0
+    ranks: tuple[int, ...] = ()
+    points: int = 0  # scalar points placed
+    unplaced: int = 0  # log dicts / component prints that had no step (no progress bar, no Step N line)
+    cut_segments: int = 0  # segments longer than the reader keeps (cut to MAX_SEGMENT_BYTES)
 
 
 @dataclass
@@ -123,6 +161,7 @@ class Run:
     states: list[TrainerStateInfo] = field(default_factory=list)  # all that were read
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     log_events: list[LogEvent] = field(default_factory=list)
+    consoles: list[ConsoleInfo] = field(default_factory=list)  # one per console log read
     problems: list[ReadProblem] = field(default_factory=list)
     files_read: list[str] = field(default_factory=list)
     other_files: list[str] = field(default_factory=list)  # inventoried, not read (training_args.bin)
@@ -140,9 +179,9 @@ class Run:
         return not self.series(metric).empty
 
     def series(self, metric: str) -> pd.Series:
-        """One value per step for ``metric``: from the source that has the most points for it
-        (trainer_state on ties), sorted by step. When a resumed run logged a step twice, the
-        later entry wins (it is what the continuing run saw). NaN/Inf are kept."""
+        """One value per step for ``metric``: from the source that has the most points for it (on ties
+        trainer_state, then tensorboard, then console: ``pick_source``), sorted by step. When a resumed run
+        logged a step twice, the later entry wins (it is what the continuing run saw). NaN/Inf are kept."""
         if metric in self._series_cache:
             return self._series_cache[metric]
         df = self.scalars
@@ -156,8 +195,8 @@ class Run:
             s = pd.Series([], dtype="float64", name=metric)
             s.index = pd.Index([], dtype="int64", name="step")
         else:
-            counts = sub.groupby("source")["step"].size()
-            best = max(counts.index, key=lambda src: (counts[src], src == "trainer_state"))
+            counts = sub.groupby("source", observed=True)["step"].size()
+            best = pick_source(counts)
             sub = sub[sub["source"] == best]
             # keep file order (appearance) then the last occurrence of each step
             sub = sub.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
