@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+# Thresholds that no rule reads any more, with what replaced them (a clear error instead of "unknown").
+RETIRED = {
+    "replay_copy_rate": "HD801 no longer needs an absolute copy rate (it missed mild collapses); it compares the "
+                        "copy rate with the data's own repeat rate (replay_copy_margin)",
+}
+
+
 @dataclass(frozen=True)
 class Thresholds:
     # audio-loss monitor (seed 004)
@@ -128,6 +135,8 @@ class Thresholds:
         changes: dict[str, Any] = {}
         for name, raw in items.items():
             key = name.strip().replace("-", "_")
+            if key in RETIRED:
+                raise ValueError(f"threshold {name!r} was retired: {RETIRED[key]}")
             if key not in known:
                 raise ValueError(f"unknown threshold {name!r}; known: {', '.join(known)}")
             default = getattr(self, key)
