@@ -19,19 +19,22 @@ instead of per record; the work is split by concern:
 """
 from __future__ import annotations
 
-import os
+import json
+import math
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from .. import limits
 from ..layout import is_event_file
 from .bytebuf import BACK, FRONT, u32_at
 from .crc32c import crc32c, crc32c_segments, crc_segments, mask, masked_crc32c
 from .event_proto import Tags, decode_event, fast_scalars
 from .model import ReadProblem
-from .tfrecord import check_frames, frame_records
+from .tfrecord import check_frames, frame_records, used
+from .trainer_state import JSONLimitError, is_out_of_range, loads_bounded
 
 __all__ = [
     "EventFileResult",
@@ -44,6 +47,7 @@ __all__ = [
 ]
 
 LFS_PREFIX = b"version https://git-lfs.github.com/spec/"
+CONFIG_TEXTS = ("args", "model_config")  # the text summaries the run is configured from (JSON)
 _MAX_CRC_PROBLEMS = 10  # bad records (CRC, protobuf) reported one by one before a summary problem
 
 
@@ -68,72 +72,237 @@ def _empty_scalars() -> pd.DataFrame:
     )
 
 
-def read_event_file(path) -> EventFileResult:
+def read_event_file(path, chunk: int | None = None) -> EventFileResult:
     """Read every scalar point and text summary of one TensorBoard event file. Never raises on bad
     bytes: a truncated last record, a CRC mismatch, a Git LFS pointer or a file that is not an event
-    file becomes a ReadProblem naming the byte offset, and everything readable is used."""
+    file becomes a ReadProblem naming the byte offset, and everything readable is used. Only a regular file
+    is read (a FIFO or device is refused without blocking), in chunks of ``limits.EVENT_READ_CHUNK_BYTES``:
+    memory grows with the points kept, not with the file."""
     name = str(path)
     res = EventFileResult(path=name, scalars=_empty_scalars())
-    try:
-        size = os.path.getsize(path)
-        buf = np.zeros(FRONT + size + BACK, dtype=np.uint8)
-        with open(path, "rb") as f:
-            n = f.readinto(memoryview(buf)[FRONT:FRONT + size])
-    except OSError as e:
-        res.problems.append(ReadProblem(name, f"cannot read: {e.strerror or e}", kind="unreadable", fatal=True))
+    refusal = getattr(path, "refusal", None)  # a path discover would not read (see discover.Refused)
+    if refusal is not None:
+        res.problems.append(refusal)
         return res
     try:
-        cols = _read(buf, FRONT, n, res)
-        del buf  # before the DataFrame is built: peak memory
+        fh, _size = limits.open_regular(path, what="TensorBoard event file")
+    except limits.NotReadable as e:
+        res.problems.append(ReadProblem(name, str(e), kind="unreadable", fatal=True))
+        return res
+    reader = _ChunkReader(res, chunk or limits.EVENT_READ_CHUNK_BYTES)
+    try:
+        with fh:
+            reader.run(fh)
+    except OSError as e:
+        res.problems.append(ReadProblem(name, f"read error after byte {reader.base:,}: {e.strerror or e}; what "
+                                              f"came before was used", offset=reader.base, kind="truncated"))
+    except Exception as e:  # noqa: BLE001 - a reader bug must not take the whole analysis down
+        res.problems.append(ReadProblem(name, f"could not be decoded ({type(e).__name__}: {e})", kind="unreadable"))
+    try:
+        res.n_records = reader.n_good
+        res.texts = _bounded_texts(reader.texts, res)
+        if res.n_records == 0:
+            for p in res.problems:
+                p.fatal = True
+        cols = reader.columns()
         if cols is not None:
             step, tid, val, wall, names = cols
             tag = pd.Categorical.from_codes(np.asarray(tid, dtype=np.int32), categories=pd.Index(names, dtype=object))
             res.scalars = pd.DataFrame({"step": step, "tag": tag, "value": val, "wall_time": wall})
-    except Exception as e:  # a reader bug must not take the whole analysis down
-        res.problems.append(ReadProblem(
-            name, f"could not be decoded ({type(e).__name__}: {e})", kind="unreadable", fatal=res.n_records == 0))
+    except Exception as e:  # noqa: BLE001 - as above
+        res.problems.append(ReadProblem(name, f"could not be decoded ({type(e).__name__}: {e})", kind="unreadable",
+                                        fatal=True))
     return res
 
 
-def _read(buf: np.ndarray, F: int, n: int, res: EventFileResult):
-    """Fill res (problems, texts, n_records, file_version); return the scalar columns
-    (step, tag_id, value, wall_time, tag names) or None."""
-    name = res.path
-    problems = res.problems
-    refusal = _refusal(buf, F, n, name)
-    if refusal is not None:
-        problems.append(refusal)
-        return None
-    # 1. framing and header CRCs: the framing is trusted up to the first bad one
-    frames = check_frames(buf, F, n, name)
-    if frames.fatal is not None:
-        problems.append(frames.fatal)
-        return None
-    starts, lens = frames.starts, frames.lens
-    R = len(starts)
-    # 2. data CRCs (a bad record is skipped, the framing goes on) and the fast decoding path
-    ds = starts + (F + 12)
-    stored = u32_at(buf, ds + lens)
-    tags = Tags()
-    f_rec, f_step, f_tag, f_val, f_wall, checked, f_bad = fast_scalars(buf, ds, lens, np.arange(R), stored, tags)
-    good = _data_crcs_ok(buf, ds, lens, stored, checked, f_bad)
-    _report_bad_data(good, starts, lens, name, problems)
-    # 3. everything off the fast path: protobuf
-    todo = np.ones(R, dtype=bool)
-    todo[f_rec] = False
-    todo[~good] = False
-    points: list[tuple] = []
-    texts: dict[str, str] = {}
-    _decode_rest(buf, ds, lens, starts, np.flatnonzero(todo), good, res, points, tags, texts)
-    if frames.stop is not None:
-        problems.append(frames.stop)
-    res.n_records = int(good.sum())
-    res.texts = texts
-    if res.n_records == 0:
-        for p in problems:
-            p.fatal = True
-    # 4. the points in file order
-    return _assemble(R, (f_rec, f_step, f_tag, f_val, f_wall), points, tags)
+def _readinto(fh, view: memoryview) -> int:
+    """Fill ``view`` from ``fh`` as far as the file goes; the number of bytes read."""
+    got = 0
+    while got < len(view):
+        k = fh.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return got
+
+
+class _ChunkReader:
+    """Reads a file chunk by chunk: each chunk's complete records are decoded, the bytes of a record that
+    continues in the next chunk are carried over (a record longer than a chunk is read whole, up to
+    ``limits.MAX_EVENT_RECORD_BYTES``)."""
+
+    def __init__(self, res: EventFileResult, chunk: int):
+        self.res, self.chunk = res, chunk
+        self.tags = Tags()
+        self.texts: dict[str, str] = {}
+        self.parts: list[tuple] = []
+        self.base = 0  # file offset of the carried bytes (the start of the next chunk's buffer)
+        self.n_records = 0  # records framed so far (for the problems' counts)
+        self.n_good = 0
+
+    def run(self, fh) -> None:
+        name = self.res.path
+        carry, need = b"", 0
+        while True:
+            want = max(self.chunk, need)
+            buf = np.zeros(FRONT + len(carry) + want + BACK, dtype=np.uint8)
+            buf[FRONT:FRONT + len(carry)] = np.frombuffer(carry, dtype=np.uint8)
+            got = _readinto(fh, memoryview(buf)[FRONT + len(carry):FRONT + len(carry) + want])
+            n, eof = len(carry) + got, got < want
+            if self.base == 0 and (eof or n < 12):
+                refusal = _refusal(buf, FRONT, n, name)
+                if refusal is not None:
+                    self.res.problems.append(refusal)
+                    return
+            elif self.base == 0 and buf[FRONT:FRONT + len(LFS_PREFIX)].tobytes() == LFS_PREFIX:
+                self.res.problems.append(_refusal(buf, FRONT, n, name))
+                return
+            if n == 0:
+                return
+            frames = check_frames(buf, FRONT, n, name, base=self.base, eof=eof, before=self.n_records)
+            if frames.fatal is not None:
+                self.res.problems.append(frames.fatal)
+                return
+            self._decode(buf, frames)
+            if frames.stop is not None:
+                self.res.problems.append(frames.stop)
+                return
+            if eof:
+                return
+            rest = frames.rest
+            carry = buf[FRONT + rest:FRONT + n].tobytes()
+            self.base += rest
+            del buf
+            need = 0
+            if frames.rest_len is not None:
+                if frames.rest_len > limits.MAX_EVENT_RECORD_BYTES:
+                    self.res.problems.append(ReadProblem(
+                        name, f"a record declares {frames.rest_len:,} data bytes, over the "
+                              f"{limits.MAX_EVENT_RECORD_BYTES:,}-byte limit (higgs_diag.limits."
+                              f"MAX_EVENT_RECORD_BYTES); not read from here; {used(self.n_records)}",
+                        offset=self.base, kind="unreadable"))
+                    return
+                need = frames.rest_len + 16 - len(carry)
+
+    def _decode(self, buf: np.ndarray, frames) -> None:
+        """The records of one chunk (``frames``): data CRCs, the fast path, protobuf for the rest."""
+        F, res, tags = FRONT, self.res, self.tags
+        starts, lens = frames.starts, frames.lens
+        R = len(starts)
+        file_starts = starts + self.base  # for the problems
+        self.n_records += R
+        if R == 0:
+            return
+        ds = starts + (F + 12)
+        stored = u32_at(buf, ds + lens)
+        f_rec, f_step, f_tag, f_val, f_wall, checked, f_bad = fast_scalars(buf, ds, lens, np.arange(R), stored, tags)
+        good = _data_crcs_ok(buf, ds, lens, stored, checked, f_bad)
+        _report_bad_data(good, file_starts, lens, res.path, res.problems)
+        todo = np.ones(R, dtype=bool)
+        todo[f_rec] = False
+        todo[~good] = False
+        points: list[tuple] = []
+        _decode_rest(buf, ds, lens, file_starts, np.flatnonzero(todo), good, res, points, tags, self.texts)
+        self.n_good += int(good.sum())
+        cols = _assemble(R, (f_rec, f_step, f_tag, f_val, f_wall), points, tags)
+        if cols is not None:
+            self.parts.append(cols[:4])
+
+    def columns(self):
+        """(step, tag_id, value, wall_time, tag names) of the whole file, or None without points."""
+        if not self.parts:
+            return None
+        names = np.empty(len(self.tags.names), dtype=object)
+        names[:] = self.tags.names
+        if len(self.parts) == 1:
+            return (*self.parts[0], names)
+        return (*(np.concatenate([p[k] for p in self.parts]) for k in range(4)), names)
+
+
+def _bounded_texts(texts: dict[str, str], res: EventFileResult) -> dict[str, str]:
+    """The text summaries as written, except those the run is configured from (``args``, ``model_config``)
+    when they are outside the limits: longer than ``limits.MAX_TEXT_SUMMARY_CHARS`` or deeper than
+    ``limits.MAX_JSON_DEPTH`` (left out with a problem), or a JSON object holding numbers out of range (NaN,
+    Infinity, beyond int64: those values are left out with a problem and the object re-serialised). A text
+    that is not JSON is handed on as is (the run loader says so) unless it holds an integer literal Python
+    will not convert (more than 4,300 digits). Every config text handed on is therefore JSON that
+    ``json.loads`` reads without an exception other than ``JSONDecodeError``."""
+    out = {}
+    for tag, text in texts.items():
+        if tag in CONFIG_TEXTS:
+            text = _bounded_config_text(tag, text, res)
+            if text is None:
+                continue
+        out[tag] = text
+    return out
+
+
+_HUGE_INT = re.compile(r"[0-9]{4000}")
+
+
+def _bounded_config_text(tag: str, text: str, res: EventFileResult) -> str | None:
+    def refuse(why: str) -> None:
+        res.problems.append(ReadProblem(res.path, f"the `{tag}` text summary {why}; ignored", kind="unreadable"))
+
+    if len(text) > limits.MAX_TEXT_SUMMARY_CHARS:
+        return refuse(f"has {len(text):,} characters, over the {limits.MAX_TEXT_SUMMARY_CHARS:,} limit "
+                      f"(higgs_diag.limits.MAX_TEXT_SUMMARY_CHARS)")
+    try:
+        obj = loads_bounded(text)
+    except JSONLimitError as e:
+        return refuse(f"is {e.msg}")
+    except ValueError:  # not JSON: the run loader reports it, unless its json.loads would stop on a huge integer
+        return refuse("is not JSON and holds an integer of more than 4,000 digits") if _HUGE_INT.search(text) else text
+    if is_out_of_range(obj):
+        return refuse("is an integer out of range")
+    dropped: list[str] = []
+    clean = _in_range(obj, tag, dropped)
+    if not dropped:
+        return text
+    res.problems.append(ReadProblem(
+        res.path, f"the `{tag}` text summary has {len(dropped)} value(s) out of range "
+                  f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}; NaN, Infinity or beyond "
+                  f"int64): left out", kind="out-of-range"))
+    return json.dumps(clean) if isinstance(clean, dict) else None
+
+
+def _in_range(v, where: str, dropped: list):
+    """``v`` without numbers out of range (keys removed, list items set to null); ``dropped`` gets their paths.
+    The recursion is bounded: the JSON was checked against ``limits.MAX_JSON_DEPTH``."""
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            if _bad_number(x):
+                dropped.append(f"{k} {_number_text(x)}")
+            else:
+                out[k] = _in_range(x, f"{where}.{k}", dropped)
+        return out
+    if isinstance(v, list):
+        out_list = []
+        for i, x in enumerate(v):
+            if _bad_number(x):
+                dropped.append(f"{where}[{i}] {_number_text(x)}")
+                out_list.append(None)
+            else:
+                out_list.append(_in_range(x, f"{where}[{i}]", dropped))
+        return out_list
+    return v
+
+
+def _bad_number(x) -> bool:
+    if is_out_of_range(x):
+        return True
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return abs(x) > limits.MAX_CONFIG_NUMBER
+    if isinstance(x, float):
+        return not math.isfinite(x) or abs(x) > limits.MAX_CONFIG_NUMBER
+    return False
+
+
+def _number_text(x) -> str:
+    return repr(x) if is_out_of_range(x) else f"{float(x):g}"
 
 
 def _refusal(buf: np.ndarray, F: int, n: int, name: str) -> ReadProblem | None:

@@ -183,43 +183,55 @@ def used(n: int, before: str = "it") -> str:
 
 @dataclass
 class Frames:
-    """The complete records of a file with a valid header CRC, up to the first bad header."""
+    """The complete records of a file (or of one chunk of it) with a valid header CRC, up to the first bad
+    header. Offsets are relative to the buffer's first byte (``base`` in the file)."""
 
-    starts: np.ndarray  # file offset of every record
+    starts: np.ndarray  # offset of every record
     lens: np.ndarray  # its declared data length
     stop: ReadProblem | None = None  # why reading stopped before the end of the file, if it did
     fatal: ReadProblem | None = None  # the file is not TFRecord at all (its first header is bad): no records
+    rest: int | None = None  # (not at the end of the file) where the bytes to carry into the next chunk start
+    rest_len: int | None = None  # the declared data length of the record that starts there, when its header is in
 
 
-def check_frames(buf: np.ndarray, F: int, n: int, name: str) -> Frames:
-    """Walk the records of the n file bytes at buf[F:] (n >= 12) and check their header CRCs: the framing
-    is trusted up to the first bad one; a truncated last record or stray bytes at the end are dropped."""
+def check_frames(buf: np.ndarray, F: int, n: int, name: str, *, base: int = 0, eof: bool = True,
+                 before: int = 0) -> Frames:
+    """Walk the records of the n bytes at buf[F:] (n >= 12 for a whole file) and check their header CRCs: the
+    framing is trusted up to the first bad one. At the end of the file (``eof``) a truncated last record or
+    stray bytes are dropped with a problem; before it they are the ``rest`` to read on from. ``base`` is the
+    file offset of buf[F] and ``before`` the number of records before it (for the problems' offsets and
+    counts)."""
     starts, lens = walk(buf, F, n)
     R = len(starts)
     hcrc = header_crcs(buf, starts + F)
     bad = np.flatnonzero(hcrc != u32_at(buf, starts + F + 8))
     if bad.size:
         b = int(bad[0])
-        if b == 0:
+        if b == 0 and base == 0:
             return Frames(starts[:0], lens[:0], fatal=ReadProblem(
                 name, "not a TensorBoard event file: its first 12 bytes are not a valid record header "
                       "(length CRC mismatch)", offset=0, kind="unreadable", fatal=True))
         stop = ReadProblem(
             name, f"record header CRC mismatch (declared length {int(lens[b]):,}); the framing is lost from "
-                  f"here; {used(b)}", offset=int(starts[b]), kind="crc")
+                  f"here; {used(before + b)}", offset=base + int(starts[b]), kind="crc")
         return Frames(starts[:b], lens[:b], stop=stop)
     if R and int(starts[-1]) + 16 + int(lens[-1]) > n:
         s0 = int(starts[-1])
         L0 = int(u64_at(buf, np.array([s0 + F]))[0])
+        if not eof:
+            return Frames(starts[:R - 1], lens[:R - 1], rest=s0, rest_len=L0)
         present = n - s0 - 12
         what = (f"declared {L0:,} data bytes, {present:,} present" if present < L0
                 else f"declared {L0:,} data bytes, its data CRC is cut off")
-        stop = ReadProblem(name, f"truncated final record ({what}); {used(R - 1)}", offset=s0, kind="truncated")
+        stop = ReadProblem(name, f"truncated final record ({what}); {used(before + R - 1)}", offset=base + s0,
+                           kind="truncated")
         return Frames(starts[:R - 1], lens[:R - 1], stop=stop)
     end = int(starts[-1]) + 16 + int(lens[-1]) if R else 0
+    if not eof:
+        return Frames(starts, lens, rest=end)
     stop = None
     if end < n:
         stop = ReadProblem(
             name, f"truncated: {n - end} stray bytes after the last record (a record header needs 12); "
-                  f"{used(R, 'them')}", offset=end, kind="truncated")
+                  f"{used(before + R, 'them')}", offset=base + end, kind="truncated")
     return Frames(starts, lens, stop=stop)
