@@ -198,6 +198,7 @@ def early_stopping_disabled(run, t):
 
 causes("HD102", "HD101")
 causes("HD105", "HD102")
+causes("HD103", "HD401", "HD811", "HD501")  # a model whose weights never change evaluates the same
 
 
 @check("HD103", "eval-loss-constant", rank=15)
@@ -209,7 +210,9 @@ def eval_loss_constant(run, t):
     of exactly 0.0, which a cross-entropy on real data never reaches. Critical for a 0.0, or when
     `eval_loss` selects the best checkpoint.
 
-    Why it happens: a real evaluation loss changes as the weights change. An `evaluation_loop`
+    Why it happens: a real evaluation loss changes as the weights change. Identical values mean the
+    weights did not change (no `backward()`, a learning rate of 0: see no-learning, which then explains
+    this finding) or a fallback wrote them: an `evaluation_loop`
     override inserts a constant when the Trainer produced no `eval_loss` (the real cause: see
     eval-loss-missing) to avoid the KeyError. Training then goes on, `best_metric` is that constant,
     every checkpoint ties, and `load_best_model_at_end` restores an arbitrary (the first) checkpoint.
@@ -248,5 +251,7 @@ def eval_loss_constant(run, t):
     critical = zero.any() or (constant and best_metric_name(run.args) == "eval_loss")
     yield finding(
         Severity.CRITICAL if critical else Severity.WARNING,
-        f"eval_loss is a constant ({fmt(v[0]) if constant else '0.0'}): a fallback hides the real value",
+        f"eval_loss is a constant ({fmt(v[0]) if constant else '0.0'}): a fallback hides the real value"
+        if zero.any() else f"eval_loss is the same ({fmt(v[0])}) at every evaluation: the weights never change, or a "
+                           f"fallback writes it",
         evidence=evidence, steps=(int(idx[0]), int(idx[-1])), metrics=("eval_loss",))

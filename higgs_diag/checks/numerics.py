@@ -406,3 +406,69 @@ def inf_grad_norm(run: Run, t: Thresholds) -> list[Finding]:
 causes("HD302", "HD301")
 causes("HD303", "HD301")
 causes("HD304", "HD301")
+
+
+# ---- HD307: float16 weights without mixed precision ---------------------------------------------------------
+_HALF = ("float16", "torch.float16", "fp16", "half")
+
+
+def _weights_dtype(run: Run) -> tuple[str | None, str]:
+    """The dtype the weights were stored in: the logged model_config's `torch_dtype`, else the checkpoints'
+    safetensors dtype (when the reader recorded it)."""
+    dt = run.config("torch_dtype")
+    if isinstance(dt, str) and dt:
+        return dt, f"model_config torch_dtype={dt!r} ({run.model_config_file})"
+    for c in run.checkpoints:
+        d = getattr(c, "dtype", None)
+        if d:
+            return str(d), f"{c.path}: weights stored as {d}"
+    return None, ""
+
+
+@check("HD307", "precision-mismatch", rank=9)
+def half_weights_without_amp(run: Run, t: Thresholds) -> list[Finding]:
+    """float16 weights trained without mixed precision: every update is computed in float16, which overflows.
+
+    What it detects: the model's weights are float16 (the logged `model_config` says `"torch_dtype":
+    "float16"`, or the checkpoints store float16) while the TrainingArguments have `fp16=False` and
+    `bf16=False`, and the run went non-finite: a NaN/Inf loss or `grad_norm`, or a loss logged as 0.0 while
+    `grad_norm` is NaN (HF's NaN filter).
+
+    Why it happens: `from_pretrained(..., torch_dtype=torch.float16)` (or `model.half()`) puts the weights,
+    activations, gradients and optimizer state in float16. Without `fp16=True` there is no loss scaling and no
+    float32 master copy: the gradients of a cross-entropy over 1026 audio classes and a 128k vocabulary
+    overflow (float16's largest value is 65504) or underflow, AdamW's second moments leave the float16 range,
+    and the first NaN arrives within a few steps. Every later step is NaN, or 0.0 in the logs when HF's
+    `logging_nan_inf_filter` hides it.
+
+    Example: `model_config torch_dtype='float16'; fp16=False, bf16=False; grad_norm NaN from step 2; loss
+    logged as 0.0 at 48 of 50 steps`.
+
+    Fix: load the weights in float32 (`torch_dtype=torch.float32`) and train with `bf16=True` on hardware
+    that supports it (Ampere or newer), or `fp16=True` (mixed precision with loss scaling and float32 master
+    weights); never train float16 weights directly.
+    """
+    dt, where = _weights_dtype(run)
+    if dt is None or dt.lower() not in _HALF or not run.args:
+        return []
+    if run.args.get("fp16") or run.args.get("bf16") or run.args.get("half_precision_backend") == "apex":
+        return []
+    bad = []
+    for m in ("loss", "grad_norm", "eval_loss"):
+        s = run.series(m)
+        v = s.to_numpy(dtype="float64")
+        nf = ~np.isfinite(v)
+        if nf.any():
+            bad.append((m, int(s.index[int(np.argmax(nf))]), int(nf.sum()), len(v)))
+    if not bad:
+        return []
+    first = min(b[1] for b in bad)
+    return [finding(Severity.CRITICAL, f"float16 weights trained without mixed precision went non-finite from step "
+                                       f"{first}", evidence=[where, f"fp16={run.args.get('fp16')!r}, bf16="
+                                                                    f"{run.args.get('bf16')!r} (args from {run.args_file})"]
+                    + [f"{m} non-finite at {n} of {k} logged steps, first at step {s}" for m, s, n, k in bad],
+                    steps=(first, run.last_step or first), metrics=tuple(b[0] for b in bad))]
+
+
+for _symptom in ("HD301", "HD302", "HD303", "HD305", "HD306"):
+    causes(_symptom, "HD307")
