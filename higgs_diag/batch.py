@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from . import limits
 
 IGNORE_INDEX = -100
 # HiggsAudioBatchInput's fields (boson_multimodal.data_collator.higgs_audio_collator), in its order.
@@ -143,10 +147,17 @@ def _plain(v: Any) -> Any:
 
 def load_batch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a batch file safely: ``.pt``/``.pth``/``.bin`` with ``torch.load(weights_only=True)``, or
-    ``.safetensors``. Returns (tensors by field name, meta). Raises BatchError with a one-line reason."""
+    ``.safetensors``. Returns (tensors by field name, meta). Raises BatchError with a one-line reason.
+
+    Within ``higgs_diag.limits``: only a regular file of at most ``MAX_BATCH_FILE_BYTES``; before torch sees a
+    torch.save file its pickle is scanned (code is refused, the storages it declares and the archive's entries
+    must fit in ``MAX_BATCH_TENSOR_BYTES``), and after loading every tensor must have at most
+    ``MAX_TENSOR_ELEMENTS`` elements."""
     p = Path(path)
-    if not p.is_file():
-        raise BatchError(f"{p}: no such file")
+    try:
+        limits.open_regular(p, limits.MAX_BATCH_FILE_BYTES, "batch file")[0].close()
+    except limits.NotReadable as e:
+        raise BatchError(f"{p}: {e}" if os.path.lexists(p) else f"{p}: no such file") from None
     if p.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -166,16 +177,31 @@ def load_batch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         tensors = {k: v for k, v in data["batch"].items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise BatchError(f"{p}: holds no tensors (keys: {', '.join(map(str, list(data)[:10]))})")
+    _check_tensor_sizes(p, tensors)
     known = [k for k in tensors if k in FIELDS]
     if not known:
         raise BatchError(f"{p}: none of its tensors is named like a Higgs Audio batch field "
-                         f"({', '.join(list(tensors)[:8])}); expected e.g. {', '.join(REQUIRED)}")
+                         f"({', '.join(map(str, list(tensors)[:8]))}); expected e.g. {', '.join(REQUIRED)}")
     return tensors, dict(meta)
+
+
+def _check_tensor_sizes(p: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor within ``limits.MAX_TENSOR_ELEMENTS`` (a view can show a 1-element storage as a huge shape)
+    and all of them within ``limits.MAX_BATCH_TENSOR_BYTES``."""
+    for k, v in tensors.items():
+        if v.numel() > limits.MAX_TENSOR_ELEMENTS:
+            raise BatchError(f"{p}: tensor {k!s:.80} has {v.numel():,} elements, over the limit "
+                             f"(higgs_diag.limits.MAX_TENSOR_ELEMENTS: {limits.MAX_TENSOR_ELEMENTS:,}); not used")
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    if total > limits.MAX_BATCH_TENSOR_BYTES:
+        raise BatchError(f"{p}: its tensors hold {total:,} bytes, over the {limits.MAX_BATCH_TENSOR_BYTES:,}-byte "
+                         f"limit (higgs_diag.limits.MAX_BATCH_TENSOR_BYTES); not used")
 
 
 def _torch_load_safely(p: Path) -> Any:
     """``torch.load(weights_only=True)`` for what looks like a torch.save file; anything else is refused by
-    its first bytes, before any unpickler sees it, with a message that says what the file is."""
+    its first bytes, before any unpickler sees it, with a message that says what the file is. A pickle that
+    holds code, or declares more tensor data than the limits allow, is refused before torch reads it."""
     try:
         with open(p, "rb") as fh:
             head = fh.read(4)
@@ -185,6 +211,7 @@ def _torch_load_safely(p: Path) -> Any:
     if not is_zip and not head.startswith(b"\x80"):  # not a zip archive, not even a pickle (protocol >= 2)
         raise BatchError(f"{p}: not a torch.save file (neither a zip archive nor a pickle; starts with {head!r}); "
                          f"save batches with torch.save(dict_of_tensors) or as .safetensors")
+    _prescan(p, is_zip)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -195,6 +222,39 @@ def _torch_load_safely(p: Path) -> Any:
         if is_zip:
             raise BatchError(f"{p}: truncated or damaged torch.save archive ({_reason(e)})") from None
         raise BatchError(f"{p}: a pickle that is not a torch.save file of tensors; not loaded ({_reason(e)})") from None
+
+
+def _prescan(p: Path, is_zip: bool) -> None:
+    """Refuse, before torch reads it, a torch.save file whose pickle calls code (``holds pickled code
+    (os.system)``) or declares storages (or, for a zip, holds entries) beyond ``limits.MAX_BATCH_TENSOR_BYTES``."""
+    cap, data = limits.MAX_BATCH_TENSOR_BYTES, b""
+    try:
+        if not is_zip:
+            with open(p, "rb") as fh:
+                data = fh.read(limits.MAX_BATCH_PICKLE_BYTES)
+        else:
+            with zipfile.ZipFile(p) as z:
+                total = sum(i.file_size for i in z.infolist())  # what torch would inflate
+                pkl = [i for i in z.infolist() if i.filename.endswith("data.pkl")]
+                if total > cap + limits.MAX_BATCH_PICKLE_BYTES:
+                    raise BatchError(f"{p}: the archive inflates to {total:,} bytes, over the {cap:,}-byte limit "
+                                     f"for a batch (higgs_diag.limits.MAX_BATCH_TENSOR_BYTES); not loaded")
+                if pkl and pkl[0].file_size > limits.MAX_BATCH_PICKLE_BYTES:
+                    raise BatchError(f"{p}: its pickle has {pkl[0].file_size:,} bytes, over the limit "
+                                     f"(higgs_diag.limits.MAX_BATCH_PICKLE_BYTES); not loaded")
+                data = z.read(pkl[0]) if pkl else b""
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise BatchError(f"{p}: truncated or damaged torch.save archive ({_reason(e)})") from None
+    code, declared = limits.scan_pickles(data, several=not is_zip)
+    if code:
+        module, _, attr = code.partition(".")
+        module = {"posix": "os", "nt": "os", "__builtin__": "builtins"}.get(module, module)
+        raise BatchError(f"{p}: holds pickled code ({module}.{attr}), not loaded: a batch holds tensors, not "
+                         f"pickled Python objects, and higgs-diag never unpickles code (save a dict of tensors "
+                         f"with torch.save, or a .safetensors file)")
+    if declared > cap:
+        raise BatchError(f"{p}: declares {declared:,} bytes of tensor data, over the {cap:,}-byte limit "
+                         f"(higgs_diag.limits.MAX_BATCH_TENSOR_BYTES); not loaded")
 
 
 def _reason(e: Exception) -> str:

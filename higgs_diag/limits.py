@@ -11,7 +11,10 @@ The numbers are far above anything a real Higgs Audio / HF Trainer run writes (t
 """
 from __future__ import annotations
 
+import io as _io
 import os as _os
+import pickletools as _pickletools
+import re as _re
 import stat as _stat
 
 # ---- JSON (trainer_state.json, the args/model_config text summaries, safetensors headers) ------------------
@@ -118,3 +121,58 @@ def read_bounded(fh, max_bytes: int, what: str = "file") -> bytes:
             raise NotReadable(f"more than {max_bytes:,} bytes (the limit for a {what}, higgs_diag.limits): "
                               f"not read")
     return b"".join(parts)
+
+
+# ---- what a batch's pickle may call (scanned before torch.load sees it; nothing is executed) -------------------
+# Globals a torch.save file of tensors may name ("module": "names"; any name for ``torch`` matching _TORCH_NAMES).
+# Any other global is code the unpickler would call: the file is refused before torch sees it.
+_PLAIN = "set frozenset slice complex bytearray int float str bytes bool list dict tuple"
+_DATA_GLOBALS = {m: set(names.split()) for m, names in {
+    "collections": "OrderedDict", "torch._tensor": "_rebuild_from_type_v2", "torch.nn.parameter": "Parameter",
+    "torch._utils": "_rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_parameter _rebuild_qtensor "
+                    "_rebuild_parameter_with_state _rebuild_sparse_tensor _rebuild_nested_tensor "
+                    "_rebuild_device_tensor_from_numpy _rebuild_meta_tensor_no_storage _rebuild_wrapper_subclass",
+    "torch.storage": "UntypedStorage TypedStorage _load_from_bytes", "torch.serialization": "_get_layout",
+    "builtins": _PLAIN, "__builtin__": _PLAIN, "_codecs": "encode"}.items()}
+_TORCH_NAMES = _re.compile(r"(\w*Storage|Size|device|Tensor|dtype|layout|strided|sparse_coo|\w*_format|channels_last|"
+                          r"(b?float|u?int|complex|qu?int)\d*(_\w+)?|half|double|long|short|bool|cfloat|cdouble)")
+_ELEMENT_BYTES = {"Double": 8, "Float": 4, "Half": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1, "Byte": 1,
+                  "Bool": 1, "BFloat16": 2, "ComplexDouble": 16, "ComplexFloat": 8, "Untyped": 1}
+
+
+
+def scan_pickles(data: bytes, several: bool) -> tuple[str | None, int]:
+    """(the first global that is code, e.g. ``posix.system``, or None; the bytes of tensor data the storages
+    declare) of the pickle(s) at the start of ``data`` (a legacy torch.save file is several pickles, then raw
+    data). Nothing is executed: ``_pickletools.genops`` only decodes opcodes."""
+    stream, memo, strings = _io.BytesIO(data), {}, ["", ""]  # strings: the last two pushed (for STACK_GLOBAL)
+    last, last_int, declared, storage_type = None, 0, 0, ""
+    for _ in range(5 if several else 1):
+        try:
+            for op, arg, _pos in _pickletools.genops(stream):
+                name, value = op.name, None
+                if "UNICODE" in name or "STRING" in name:
+                    value = str(arg)
+                elif name.endswith("GET"):
+                    value = memo.get(arg)
+                elif name.endswith("PUT") or name == "MEMOIZE":
+                    memo[arg if name != "MEMOIZE" else len(memo)] = last
+                elif name in ("GLOBAL", "INST", "STACK_GLOBAL"):
+                    module, _, attr = str(arg).partition(" ") if arg is not None else strings
+                    ok = _TORCH_NAMES.fullmatch(attr) if module == "torch" else attr in _DATA_GLOBALS.get(module, ())
+                    if not ok:
+                        return f"{module}.{attr}", declared
+                    storage_type = attr
+                elif "INT" in name or "LONG" in name:
+                    last_int = arg if isinstance(arg, int) else 0
+                elif name.endswith("PERSID"):  # ('storage', type, key, location, numel): numel was the last int
+                    declared += max(last_int, 0) * _ELEMENT_BYTES.get(storage_type.replace("Storage", ""), 8)
+                if isinstance(value, str):
+                    strings = [strings[1], value]
+                if not (name.endswith("PUT") or name == "MEMOIZE"):
+                    last = value
+        except (ValueError, EOFError, TypeError, KeyError, IndexError):  # not (or no more) pickle: raw data
+            break
+        if stream.tell() >= len(data):
+            break
+    return None, declared
