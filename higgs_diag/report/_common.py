@@ -2,12 +2,46 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
 
 from ..diagnosis import Diagnosis, Severity
-from ..formatting import clean, fmt_value, span_text  # noqa: F401  (the renderers' shared helpers)
+from ..formatting import clean as _clean_controls
+from ..formatting import fmt_value, span_text  # noqa: F401  (the renderers' shared helpers)
+
+# What no report may carry raw, on any channel: lone surrogates (a file name's undecodable bytes, which no UTF-8
+# stream can encode) and the Unicode line/paragraph separators (they split a line like a newline).
+_UNSAFE = re.compile("[\u2028\u2029\ud800-\udfff]")
+# ... and, on top of formatting.clean's control characters, for a name on one line: newline, tab, CR.
+_LINE_BREAKS = re.compile(r"[\t\n\r]")
+_ANY_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(m: re.Match) -> str:
+    o = ord(m.group())
+    if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape of the byte o - 0xDC00: show that byte
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o <= 0xFF else f"\\u{o:04x}"
+
+
+def clean(text: Any) -> str:
+    """User data safe to print on any channel: control characters (ANSI escapes, BEL, \\r), lone surrogates
+    and line separators shown as ``\\xNN`` / ``\\uNNNN``; tab and newline kept (see :func:`clean_name`)."""
+    return _clean_controls(_UNSAFE.sub(_escape, str(text)))
+
+
+def clean_name(text: Any) -> str:
+    """A file or folder name on one line: :func:`clean`, newline, tab and CR escaped too."""
+    return _LINE_BREAKS.sub(_escape, clean(text))
+
+
+def safe_output(text: str) -> str:
+    """The last pass over a whole rendered report (no ANSI colour in it): any control character but tab and
+    newline, any lone surrogate or line separator left is escaped. A no-op when every value went through
+    :func:`clean`."""
+    return _ANY_CONTROL.sub(lambda m: m.group() if m.group() in "\t\n" else _escape(m), text)
 
 def counts(diag: Diagnosis) -> dict[Severity, int]:
     out = {s: 0 for s in (Severity.CRITICAL, Severity.WARNING, Severity.INFO)}
@@ -28,14 +62,14 @@ def run_facts(diag: Diagnosis) -> dict[str, Any] | None:
         return None
     first, last = sm.get("first_step"), sm.get("steps")
     return {
-        "root": str(diag.target),
+        "root": clean_name(diag.target),
         "steps": (first, last) if first is not None else None,
         "metrics": len(sm.get("metrics") or []),
         "metric_names": list(sm.get("metrics") or []),
         "points": sm.get("n_points") or 0,
-        "files_read": [str(f) for f in sm.get("files_read") or []],
+        "files_read": [clean_name(f) for f in sm.get("files_read") or []],
         "checkpoints": len(sm.get("checkpoints") or []),
-        "problems": [str(p) for p in sm.get("problems") or []],
+        "problems": [clean(p) for p in sm.get("problems") or []],
     }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..diagnosis import SCHEMA, Diagnosis
-from ._common import counts, fmt_value, run_facts, span_text
+from ._common import clean, clean_name, counts, fmt_value, run_facts, safe_output, span_text
 
 _CSS = """
 body { font: 14px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328;
@@ -46,7 +46,8 @@ figcaption { color: #57606a; font-size: .9em; }
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """User data as HTML text: control characters (from logs) shown as ``\\xNN``, then escaped."""
+    return html.escape(clean(value), quote=True)
 
 
 def _png_data_uri(path: Path) -> str:
@@ -67,12 +68,12 @@ def render_html(diag: Diagnosis, plots: dict[str, Path] | None = None) -> str:
         "<head>",
         '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>higgs-diag: {_e(verdict)} - {_e(diag.target)}</title>",
+        f"<title>higgs-diag: {_e(verdict)} - {_e(clean_name(diag.target))}</title>",
         f"<style>{_CSS}</style>",
         "</head>",
         "<body>",
         "<h1>higgs-diag report</h1>",
-        f'<div class="target mono">{_e(diag.target)}</div>',
+        f'<div class="target mono">{_e(clean_name(diag.target))}</div>',
     ]
     tally = ", ".join(f"{k} {_e(str(s))}" for s, k in n.items())
     if verdict == "healthy":
@@ -152,4 +153,4 @@ def render_html(diag: Diagnosis, plots: dict[str, Path] | None = None) -> str:
     out.append(f'<p class="meta">higgs-diag {_e(diag.tool_version)} &middot; schema {_e(SCHEMA)}</p>')
     out.append("</body>")
     out.append("</html>")
-    return "\n".join(out) + "\n"
+    return safe_output("\n".join(out) + "\n")

@@ -7,14 +7,17 @@ from pathlib import PurePath
 from typing import Any
 
 from ..diagnosis import Diagnosis
+from ._common import _UNSAFE, _escape
 
 
 def jsonable(obj: Any) -> Any:
     """A copy of ``obj`` that ``json.dumps(allow_nan=False)`` accepts: NaN/Inf floats become the
     strings ``"NaN"``/``"Infinity"``/``"-Infinity"``, numpy scalars plain numbers, tuples and sets
     lists, paths and anything else unknown strings; dict keys strings."""
-    if obj is None or isinstance(obj, (bool, str)):
+    if obj is None or isinstance(obj, bool):
         return obj
+    if isinstance(obj, str):  # a lone surrogate (a file name's undecodable byte) is shown as \\xNN
+        return _UNSAFE.sub(_escape, obj) if _UNSAFE.search(obj) else obj
     if isinstance(obj, int):
         return int(obj)
     if isinstance(obj, float):

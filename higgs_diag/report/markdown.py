@@ -10,7 +10,7 @@ from urllib.parse import quote
 from typing import Any
 
 from ..diagnosis import Diagnosis, Severity
-from ._common import clean, counts_text, fmt_value, run_facts, span_text
+from ._common import clean, clean_name, counts_text, fmt_value, run_facts, safe_output, span_text
 
 _INLINE = re.compile(r"([\\`*_\[\]<>|~&!#{}])")
 # At the start of a line these would open a list item ("- x", "1. x") or a setext underline ("==").
@@ -56,7 +56,7 @@ def render_markdown(diag: Diagnosis, plots: dict[str, str] | None = None) -> str
     verdict = diag.verdict
     out.append("# higgs-diag report")
     out.append("")
-    out.append(f"**Target:** {md_code(diag.target)}  ")
+    out.append(f"**Target:** {md_code(clean_name(diag.target))}  ")
     out.append(f"**Verdict:** **{verdict.upper()}** ({counts_text(diag)})  ")
     out.append(f"**Tool version:** {md_code(diag.tool_version)}")
     out.append("")
@@ -137,4 +137,4 @@ def render_markdown(diag: Diagnosis, plots: dict[str, str] | None = None) -> str
             out.append(f"| {md_code(k, True)} | {_cell(fmt_value(v))} |")
         out.append("")
 
-    return "\n".join(out).rstrip("\n") + "\n"
+    return safe_output("\n".join(out).rstrip("\n") + "\n")

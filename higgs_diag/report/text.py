@@ -6,7 +6,7 @@ import textwrap
 from typing import IO, Any
 
 from ..diagnosis import Diagnosis, Severity
-from ._common import clean, counts_text, fmt_value, run_facts, run_line, span_text
+from ._common import clean, clean_name, counts_text, fmt_value, run_facts, run_line, span_text
 
 WIDTH = 100
 
@@ -58,7 +58,7 @@ def render_text(diag: Diagnosis, color: bool = False) -> str:
 
     verdict = diag.verdict
     lines = [
-        f"{style('bold', 'higgs-diag')} {clean(diag.target)}",
+        f"{style('bold', 'higgs-diag')} {clean_name(diag.target)}",
         f"Verdict: {style(verdict, verdict.upper())} ({counts_text(diag)})",
     ]
     facts = run_facts(diag)
