@@ -11,6 +11,7 @@ both, ``diagnosis`` ranks, ``report/`` renders the Diagnosis (which carries what
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Iterable
 
 from .config import ReplayOptions, Selection, Thresholds
@@ -137,3 +138,72 @@ def replay_batch(checkpoint: str | os.PathLike | None, batches: Iterable[str | o
                  batch_step=batch_step, progress=progress)
     target = str(checkpoint) if checkpoint is not None else ", ".join(b.path for b in ev.batches[:3])
     return diagnose(None, thresholds=thresholds, selection=sel, evidence=ev, target=target)
+
+
+# ---- many runs at once: a sweep folder or several RUN_DIRs -------------------------------------------------
+def _looks_like_run(folder: Path) -> bool:
+    """A shallow look: does ``folder`` itself hold a run (a trainer state, checkpoints, TensorBoard logs, a
+    console log)?"""
+    from .layout import EVENT_FILE_MARK, LOGGING_DIR, TRAINER_STATE, is_checkpoint_name
+
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                name = e.name
+                if name == TRAINER_STATE or name.startswith(EVENT_FILE_MARK) or name.endswith(".log") \
+                        or ((name == LOGGING_DIR or is_checkpoint_name(name)) and e.is_dir(follow_symlinks=False)):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def find_runs(path: str | os.PathLike) -> list[Path]:
+    """The runs under ``path``: ``[path]`` when it is a run itself (or a file), else its immediate sub-folders
+    that hold a run (a sweep folder), by name; ``[path]`` when it holds neither (the reader then says why)."""
+    p = Path(path)
+    if not p.is_dir() or _looks_like_run(p):
+        return [p]
+    try:
+        subs = sorted(d for d in p.iterdir() if d.is_dir() and not d.is_symlink() and _looks_like_run(d))
+    except OSError:
+        return [p]
+    return subs or [p]
+
+
+def _outcome(run_dir: str, options: dict, output: str | None = None) -> dict:
+    """One run of a sweep, in a worker process: its report as a dict (and its report files under ``output``),
+    or the error that stopped it."""
+    from .run.discover import RunReadError
+
+    try:
+        diag = analyze(run_dir, **options)
+        if output is not None:
+            from .report import write_reports
+
+            write_reports(diag, Path(output))
+        return {"run_dir": run_dir, "report": diag.to_dict(), "error": None, "kind": None}
+    except RunReadError as e:
+        return {"run_dir": run_dir, "report": None, "error": str(e), "kind": "unreadable"}
+    except Exception as e:  # noqa: BLE001 - one bad run never stops the others; reported as our bug
+        return {"run_dir": run_dir, "report": None, "error": f"{type(e).__name__}: {e}", "kind": "internal"}
+
+
+def analyze_many(run_dirs: Iterable[str | os.PathLike], *, jobs: int | None = None,
+                 outputs: Iterable[str | os.PathLike | None] | None = None, **options):
+    """Analyze several runs in parallel processes (``jobs``, default the number of cores); yields one outcome
+    dict per run (``run_dir``, ``report`` (the JSON report) or ``error`` and ``kind``), in the order given.
+    ``outputs``: a report folder per run (or None). ``options`` are :func:`analyze`'s keyword options."""
+    dirs = [str(d) for d in run_dirs]
+    outs = [str(o) if o is not None else None for o in (outputs or [None] * len(dirs))]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(dirs) or 1))
+    if jobs == 1:
+        for d, o in zip(dirs, outs):
+            yield _outcome(d, options, o)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # no inherited state (threads, open files) in the workers
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        yield from pool.map(_outcome, dirs, [options] * len(dirs), outs)

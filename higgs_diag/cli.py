@@ -9,7 +9,7 @@ import click
 
 from . import __version__
 from .config import Selection, SelectionError, Thresholds, load_config_file
-from .diagnosis import Severity
+from .diagnosis import SCHEMA, Severity
 from .formatting import clean
 
 FAIL_ON = ("info", "warning", "critical", "never")
@@ -109,9 +109,11 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_DIR...")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
-              show_default=True, help="What to print on stdout.")
+              show_default=True, help="What to print on stdout (several runs: a triage table, or JSON lines).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+              help="Several runs: analyze this many in parallel processes (default: the number of cores).")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write report.json, report.md, report.html and plots/*.png into this folder.")
 @click.option("--log", "logs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -132,15 +134,23 @@ def main(debug: bool) -> None:
               help="Replay every batch through every checkpoint of the run (default: the one nearest its step).")
 @click.option("--batch-step", type=click.IntRange(min=0), default=None, metavar="N",
               help="The training step of batch files that do not say it (no dump meta, no step-N in the name).")
-def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, sets, config_file, select, ignore,
-            color, replay: bool, batch_paths, checkpoint, base, all_checkpoints, batch_step) -> None:
+def analyze(run_dirs: tuple[Path, ...], fmt: str, jobs: int | None, output: Path | None, logs, fail_on: str, sets,
+            config_file, select, ignore, color, replay: bool, batch_paths, checkpoint, base, all_checkpoints,
+            batch_step) -> None:
     """Read RUN_DIR (an output_dir, a checkpoint, a logging folder or a trainer_state.json), run every rule
-    and print a root-cause report."""
-    from .api import analyze as analyze_run
+    and print a root-cause report. Several RUN_DIRs, or a folder of run folders (a sweep), give a triage
+    table: one line per run, the worst first."""
+    from .api import analyze as analyze_run, find_runs
     from .run.discover import RunReadError
 
-    click.get_current_context().meta[TARGET_KEY] = str(run_dir)
+    click.get_current_context().meta[TARGET_KEY] = " ".join(str(r) for r in run_dirs[:2])
     thresholds, selection = _settings(config_file, sets, select, ignore)
+    runs = [r for d in run_dirs for r in find_runs(d)]
+    if len(runs) > 1:
+        if replay or batch_paths or checkpoint is not None or all_checkpoints or logs:
+            raise click.UsageError("--replay, --batches, --checkpoint and --log apply to one run; pass one RUN_DIR")
+        _triage(runs, fmt, jobs, output, fail_on, thresholds, selection)
+    run_dir = runs[0]
     try:
         diag = analyze_run(run_dir, replay=replay or all_checkpoints, batches=list(batch_paths), checkpoint=checkpoint,
                            base=base, all_checkpoints=all_checkpoints, batch_step=batch_step,
@@ -158,6 +168,62 @@ def analyze(run_dir: Path, fmt: str, output: Path | None, logs, fail_on: str, se
         if named:  # the user named what to replay and it could not be used
             sys.exit(2)
     sys.exit(_exit_code(diag, fail_on))
+
+
+TRIAGE_ORDER = {"critical": 0, "warning": 1, "healthy": 2}
+
+
+def _triage(runs: list[Path], fmt: str, jobs: int | None, output: Path | None, fail_on: str, thresholds,
+            selection) -> None:
+    """Many runs: one line each (verdict, top finding, steps, path), worst first; JSON lines with --format json
+    (one report per run); reports under OUTPUT/<run name>/ with -o. Exits with the worst outcome."""
+    from .api import analyze_many
+    from .formatting import clean
+
+    if fmt not in ("text", "json"):
+        raise click.UsageError("several runs print a triage table (--format text) or JSON lines (--format json)")
+    outs = [output / _safe_name(r, i) for i, r in enumerate(runs)] if output is not None else None
+    results = list(analyze_many(runs, jobs=jobs, outputs=outs, thresholds=thresholds, selection=selection))
+    codes = []
+    rows = []
+    for res in results:
+        rep = res["report"]
+        if rep is None:
+            codes.append(2 if res["kind"] == "unreadable" else INTERNAL_ERROR)
+            rows.append((3, "error" if res["kind"] == "unreadable" else "internal-error", "-",
+                         res["error"], "-", res["run_dir"]))
+            continue
+        worst = max((Severity.parse(f["severity"]) for f in rep["findings"]), default=Severity.INFO)
+        codes.append(1 if fail_on != "never" and worst >= Severity.parse(fail_on) else 0)
+        top = rep["findings"][0] if rep["findings"] else None
+        rows.append((TRIAGE_ORDER.get(rep["verdict"], 3), rep["verdict"], top["code"] if top else "-",
+                     top["title"] if top else "no findings", rep["summary"].get("steps", "-"), res["run_dir"]))
+    if fmt == "json":
+        for res in results:
+            click.echo(_json_line(res["report"] or {"schema": SCHEMA, "target": res["run_dir"],
+                                                    "error": res["error"], "error_kind": res["kind"]}))
+    else:
+        click.echo(f"{'verdict':<15} {'code':<6} {'steps':>8}  {'run':<40} top finding")
+        for _, verdict, code, title, steps, path in sorted(rows, key=lambda r: r[0]):
+            click.echo(f"{verdict:<15} {code:<6} {str(steps):>8}  {clean(path):<40} {clean(title)[:100]}")
+        n = {v: sum(1 for r in rows if r[1] == v) for v in ("critical", "warning", "healthy")}
+        click.echo(f"\n{len(rows)} runs: {n['critical']} critical, {n['warning']} warning, {n['healthy']} healthy, "
+                   f"{len(rows) - sum(n.values())} not analyzed", err=True)
+    sys.exit(max(codes, default=0))
+
+
+def _safe_name(run: Path, i: int) -> str:
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run.name) or "run"
+    return f"{i:03d}-{name}"
+
+
+def _json_line(report: dict) -> str:
+    """One run's report as one line of strict JSON (JSON lines: one report per run)."""
+    import json
+
+    from .report.json_report import jsonable
+
+    return json.dumps(jsonable(report), allow_nan=False)
 
 
 def _progress():
@@ -208,7 +274,8 @@ def _emit(diag, fmt: str, output: Path | None, color) -> None:
               help="The training step of batch files that do not say it (no dump meta, no step-N in the name).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Model dtype (auto: float32 on CPU, the checkpoint's dtype on GPU).")
+              show_default=True, help="Model dtype (auto: the checkpoint's own, e.g. bfloat16 for the release, on "
+                                      "CPU and GPU; float32 only when asked for).")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
               show_default=True, help="What to print on stdout.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
