@@ -51,6 +51,14 @@ def steps_text(first: int, last: int) -> str:
     return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
+def steps_list(steps, limit: int = 6) -> str:
+    """``10, 20, 30`` or ``10, 20, ..., (41 in all)``: the steps a finding lists as evidence."""
+    steps = [int(s) for s in steps]
+    if len(steps) <= limit:
+        return ", ".join(str(s) for s in steps)
+    return ", ".join(str(s) for s in steps[:limit]) + f", ... ({len(steps)} in all)"
+
+
 def span_text(steps: tuple[int, int] | None) -> str | None:
     """A finding's step span as ``20`` or ``20-40`` (None without one)."""
     if not steps:

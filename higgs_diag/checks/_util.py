@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..formatting import fmt, steps_text  # noqa: F401  (re-exported: the rules import them from here)
+from ..formatting import fmt, steps_list, steps_text  # noqa: F401  (re-exported: the rules import them from here)
 
 
 def finite(s: pd.Series) -> pd.Series:
@@ -78,14 +78,6 @@ def state_or_arg(run, state_field: str, arg_name: str | None = None):
 
 
 # ---- series helpers shared by the curve rules (numerics, optimisation, overfitting, resume) ------------
-
-def steps_list(steps, limit: int = 6) -> str:
-    """``10, 20, 30`` or ``10, 20, ..., (41 in all)``: the steps a finding lists as evidence."""
-    steps = [int(s) for s in steps]
-    if len(steps) <= limit:
-        return ", ".join(str(s) for s in steps)
-    return ", ".join(str(s) for s in steps[:limit]) + f", ... ({len(steps)} in all)"
-
 
 def longest_true_run(mask) -> tuple[int, int, int]:
     """Length, start index and end index (inclusive) of the longest run of True in ``mask``
