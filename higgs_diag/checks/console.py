@@ -110,8 +110,8 @@ def unexplained_crash(run, t):
 
     What it detects: the last `Traceback (most recent call last):` of the console log and its exception
     line, when it is not one of the failures with a dedicated check (the best-metric KeyError, the
-    missing loss, the RNG-state unpickling error) and no later session in the same log completed
-    (that case is crash-then-completed, HD005).
+    missing loss, the RNG-state unpickling error, a batch object that is not a dict, PEFT's `labels`)
+    and no later session in the same log completed (that case is crash-then-completed, HD005).
 
     Why it happens: anything from out-of-memory to a data error; higgs-diag has no dedicated check for
     it, and the exception line is the start.
@@ -123,7 +123,7 @@ def unexplained_crash(run, t):
     """
     last, later = _last_crash(run)
     if last is not None and not later:
-        yield finding(Severity.CRITICAL, f"Training stopped with {_exception(last)}", evidence=[_at(last)])
+        yield finding(Severity.CRITICAL, f"Training stopped with {_exception(last)}", evidence=_crash_evidence(last))
 
 
 @check("HD005", "training-crashed", rank=80)
@@ -131,7 +131,7 @@ def crash_then_completed(run, t):
     """An earlier training session crashed, and a later one in the same log completed.
 
     What it detects: a traceback no dedicated check explains, followed in the same console log by
-    "Training completed." (info).
+    "Training completed." or the Trainer's end-of-training summary `{'train_runtime': ...}` (info).
 
     Why it happens: a job that was pre-empted, killed or crashed and then resumed from a checkpoint
     (the same log appended to); the crash is history as far as the final model is concerned.
@@ -277,7 +277,7 @@ def stopped_early(run, t):
     exc = tbs[-1] if tbs else None
     ev = [f"last step {last} of {max_steps} ({src}); no end-of-training summary ({{'train_runtime': ...}} or "
           f"\"Training completed.\") after it"]
-    if c.last_line:
+    if c.last_line and (exc is None or exc.text[:200] not in c.last_line):
         ev.append(f"last line {c.file}:{c.last_line_no}: {c.last_line[:300]}")
     if exc is not None:
         ev.append(f"exception: {_at(exc)}")
@@ -291,7 +291,7 @@ def stopped_early(run, t):
         ev.append(f"last checkpoint: {k.path} (step {k.step})")
         again = f" (steps {k.step + 1}-{last} are trained again)" if last > k.step else ""
         detail = f"Here: resume from {k.path}{again}."
-    elif run.checkpoints == []:
+    elif not run.checkpoints and len(run.files_read) > len(run.consoles):  # the output_dir was read, not a log alone
         detail = "No checkpoint was saved before the stop: the run starts over."
     what = f" with {_exception(exc)}" if exc is not None else ": the log just ends"
     yield finding(Severity.CRITICAL if exc is not None else Severity.WARNING,

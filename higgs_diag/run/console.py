@@ -11,9 +11,12 @@ Values may be printed as ``2.31``, ``nan``, ``inf``, ``-inf``, ``np.float64(0.5)
 
 Where a value's step comes from (the reader applies these rules; see :mod:`higgs_diag.run.logs`):
 
-* HF log dicts (``{'loss': ...}``) take the count of the Trainer's progress bar drawn right after them: the
-  Trainer writes a dict with ``tqdm.write``, which redraws the bar at the current step. Without a progress bar
-  (``disable_tqdm=True``) the dicts carry no step and are not placed (the trainer_state.json / TensorBoard
+* HF log dicts (``{'loss': ...}``) take the count of the Trainer's progress bar redrawn right after them: the
+  Trainer writes a dict with ``tqdm.write``, which redraws the bar at the current step (the bar drawn before
+  the dict may be behind: tqdm redraws at most every 0.1 s). When no bar follows right away (``torchrun --tee``
+  tails stdout and stderr separately, so prints and bars lose their relative order), the bar drawn before
+  counts, and a value's step may be off by the lag between the two streams (a step or two). Without a progress
+  bar (``disable_tqdm=True``) the dicts carry no step and are not placed (the trainer_state.json / TensorBoard
   hold them); their end-of-training summary still counts.
 * Per-forward components (``Codebook k loss``, ``Audio loss computed``, ``LLM loss computed``) belong to the
   step the progress bar reaches next: the forwards of step N print before the bar moves to N. Several
@@ -28,8 +31,9 @@ Where a value's step comes from (the reader applies these rules; see :mod:`higgs
 * The Trainer's bar is the one without a description (``12%|█▏ | 20/168``); its total is ``max_steps``. A bar
   drawn one row lower (tqdm moves the cursor back up with ``ESC[A``) or with another total is the evaluation
   bar; a bar with a description (``Epoch 1/3: ...``, a custom loop's bar over micro-batches) counts no steps.
-* Several ranks: lines prefixed ``[rank1]:`` / ``[default1]:`` are read for messages and tracebacks only; the
-  series come from rank 0 (or unprefixed lines), never from a mix of ranks.
+* Several ranks: lines prefixed ``[rank1]:`` / ``[default1]:`` (also when the prefix follows a bar on the same
+  line) are read for messages and tracebacks only; the series and the steps come from rank 0 (or unprefixed
+  lines), never from a mix of ranks.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 
 # Limits of the reader (documented in docs/design.md): a console log larger than MAX_LOG_BYTES is not read (a
 # ReadProblem says so); one carriage-return or newline separated segment keeps at most MAX_SEGMENT_BYTES.
-MAX_LOG_BYTES = 1 << 30  # 1 GiB
+MAX_LOG_BYTES = 1 << 29  # 512 MiB: the reader streams about 5 MB/s of component-heavy log, so ~2 min at most
 MAX_SEGMENT_BYTES = 1 << 16  # 64 KiB
 MAX_LINE = 2000  # characters of one line kept in evidence
 
@@ -46,20 +50,20 @@ NUM = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|NaN|NA
 # a value as printed: plain, numpy (np.float64(0.5), numpy.float32(1.0)) or a torch tensor (tensor(2.3, ...))
 VALUE = rf"(?:(?:np|numpy|torch)\.[A-Za-z]\w*\(|tensor\()?\s*({NUM})"
 _WRAPPED = re.compile(rf"^(?:(?:np|numpy|torch)\.[A-Za-z]\w*|tensor|float|int)\(\s*'?({NUM})'?\s*(?:,.*)?\)$", re.S)
-_PLAIN = re.compile(rf"^{NUM}$")
 
 
 def parse_value(text: str) -> float | None:
     """``2.31``, ``nan``, ``-inf``, ``np.float64(0.5)``, ``tensor(2.3, device='cuda:0')`` -> float; else None."""
     s = text.strip().rstrip(",").strip()
-    m = _PLAIN.match(s)
-    if m is None:
-        m = _WRAPPED.match(s)
-        if m is None:
-            return None
-        s = m.group(1)
     try:
-        return float(s)
+        return float(s)  # 2.31, nan, inf, -Infinity, 1e-05
+    except ValueError:
+        pass
+    m = _WRAPPED.match(s)
+    if m is None:
+        return None
+    try:
+        return float(m.group(1))
     except ValueError:
         return None
 
@@ -105,7 +109,8 @@ FORMATS: tuple[ConsoleFormat, ...] = (
        "loss (Total=), text_loss (Text=, LLM=), audio_loss (Audio=), other Name= as name_loss",
        "INFO:__main__:Step 20 - Losses: Text=3.1004, Audio=2.7012, Total=5.8016"),
     _f("val-loss", "step-line",
-       rf"\b(?:Step (\d+)\s*[-:|]\s*)?Val(?:idation)? [Ll]oss:\s*{VALUE}(?:,\s*Text:\s*{VALUE})?(?:,\s*Audio:\s*{VALUE})?",
+       rf"\b(?:Step (\d+)\s*[-:|]\s*)?Val(?:idation)? [Ll]oss:\s*{VALUE}"
+       rf"(?:,\s*Text:\s*{VALUE})?(?:,\s*Audio:\s*{VALUE})?",
        "eval_loss (eval_text_loss, eval_audio_loss)",
        "INFO:__main__:Step 25 - Val Loss: 5.9120, Text: 3.2001, Audio: 2.7119"),
     # ---- markers of a training session -------------------------------------------------------------------
@@ -134,14 +139,16 @@ FORMATS: tuple[ConsoleFormat, ...] = (
        "Some weights of HiggsAudioModel were not initialized from the model checkpoint at ./base and are newly "
        "initialized: ['audio_codebook_embeddings.weight']"),
     _f("rng-unpickling", "message", r"Weights only load failed", "event rng-unpickling",
-       "_pickle.UnpicklingError: Weights only load failed. Unsupported global: GLOBAL numpy.core.multiarray._reconstruct"),
+       "_pickle.UnpicklingError: Weights only load failed. Unsupported global: GLOBAL "
+       "numpy.core.multiarray._reconstruct"),
     # ---- tracebacks and the exceptions with a rule of their own ------------------------------------------
     _f("traceback", "traceback", r"Traceback \(most recent call last\):",
        "event traceback (its final exception line; found anywhere in a line, e.g. right after a bar)",
        "\r 12%|█▏        | 20/168 [00:03<00:21,  6.80it/s]Traceback (most recent call last):"),
     _f("batch-no-get", "exception", r"^AttributeError: '([\w.]+)' object has no attribute 'get'",
        "event batch-no-get (the traceback passes through prediction_step)",
-       "AttributeError: 'ExtendedHiggsAudioBatchInput' object has no attribute 'get'", requires_frame="prediction_step"),
+       "AttributeError: 'ExtendedHiggsAudioBatchInput' object has no attribute 'get'",
+       requires_frame="prediction_step"),
     _f("batch-no-len", "exception", r"^TypeError: object of type '([\w.]+)' has no len\(\)",
        "event batch-no-len (the traceback passes through _prepare_inputs)",
        "TypeError: object of type 'HiggsAudioBatchInput' has no len()", requires_frame="_prepare_inputs"),
@@ -151,6 +158,11 @@ FORMATS: tuple[ConsoleFormat, ...] = (
 
 BY_NAME = {f.name: f for f in FORMATS}
 MESSAGES = tuple((f.name, f.pattern) for f in FORMATS if f.kind == "message")
+MESSAGE_ANY = re.compile("|".join(f"(?:{p.pattern})" for _, p in MESSAGES))  # a cheap first test per line
+# a line none of these words is in holds nothing the reader wants (tests hold every example of FORMATS to it)
+QUICK = re.compile(r"\{'|[Ll]oss|Step|Traceback|\*{5}|Training completed|optimization steps|Continuing training|"
+                   r"metric_for_best_model|early stopping|initiali[sz]ed|Weights only")
+MARKER_ANY = re.compile("|".join(f"(?:{f.pattern.pattern})" for f in FORMATS if f.kind == "marker"))
 EXCEPTIONS = tuple(f for f in FORMATS if f.kind == "exception")
 COMPONENTS = tuple(f for f in FORMATS if f.kind == "component")
 BAR = BY_NAME["tqdm-bar"].pattern
@@ -206,18 +218,22 @@ def parse_step_losses(rest: str) -> dict[str, float]:
     return out
 
 
+# the component formats as one alternation: one search per line instead of one per format
+_COMPONENT_ANY = re.compile("|".join(f"(?P<c{i}>{f.pattern.pattern})" for i, f in enumerate(COMPONENTS)))
+_COMPONENT_GROUPS = {f"c{i}": (f, _COMPONENT_ANY.groupindex[f"c{i}"]) for i, f in enumerate(COMPONENTS)}
+
+
 def component(text: str) -> tuple[str, float] | None:
     """(canonical metric, value) of a per-forward loss print, or None."""
-    for f in COMPONENTS:
-        m = f.pattern.search(text)
-        if m is None:
-            continue
-        if f.name == "codebook-loss":
-            v = parse_value(m.group(2))
-            return (f"audio_loss_cb{int(m.group(1))}", v) if v is not None else None
-        v = parse_value(m.group(1))
-        return (f.gives, v) if v is not None else None
-    return None
+    m = _COMPONENT_ANY.search(text)
+    if m is None:
+        return None
+    f, g = _COMPONENT_GROUPS[m.lastgroup]
+    if f.name == "codebook-loss":  # the groups after the named one: the codebook index, then the value
+        v = parse_value(m.group(g + 2))
+        return (f"audio_loss_cb{int(m.group(g + 1))}", v) if v is not None else None
+    v = parse_value(m.group(g + 1))
+    return (f.gives, v) if v is not None else None
 
 
 def markdown_table() -> str:
@@ -226,7 +242,8 @@ def markdown_table() -> str:
     for f in FORMATS:
         ex = f.example.replace("\r", "\\r").replace("|", "\\|")
         gives = f.gives.replace("|", "\\|")
-        rows.append(f"| `{f.name}` | {f.kind} | {gives} | `{ex}` |")
+        code = f"`` {ex} ``" if "`" in ex else f"`{ex}`"
+        rows.append(f"| `{f.name}` | {f.kind} | {gives} | {code} |")
     return "\n".join(rows)
 
 

@@ -181,7 +181,9 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
             run.files_read.append(str(p))
         if len(res.steps):
             parts.append({"step": np.frombuffer(res.steps, dtype=np.int64),
-                          "metric": _categorical_metric(np.asarray(res.metrics, dtype=object)),
+                          "metric": _categorical_metric(pd.Categorical.from_codes(
+                              np.frombuffer(res.metric_codes, dtype=np.int64),
+                              categories=pd.Index(res.metric_names, dtype=object))),
                           "value": np.frombuffer(res.values, dtype=np.float64),
                           "wall_time": np.full(len(res.steps), np.nan),
                           "source": "console", "file": str(p)})

@@ -10,14 +10,13 @@ file (a FIFO would block) or is larger than ``MAX_LOG_BYTES`` is not read: a Rea
 """
 from __future__ import annotations
 
-import os
 import re
-import stat
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import limits
 from . import console as C
 from .model import ConsoleInfo, LogEvent, ReadProblem
 
@@ -37,8 +36,14 @@ class ConsoleResult:
     problems: list[ReadProblem] = field(default_factory=list)
     info: ConsoleInfo | None = None
     steps: array = field(default_factory=lambda: array("q"))
-    metrics: list[str] = field(default_factory=list)  # one name per point
+    metric_codes: array = field(default_factory=lambda: array("q"))  # per point, an index into metric_names
+    metric_names: list[str] = field(default_factory=list)
     values: array = field(default_factory=lambda: array("d"))
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metric name of every point."""
+        return [self.metric_names[i] for i in self.metric_codes]
 
 
 def read_log(path: str | Path) -> tuple[list[LogEvent], list[ReadProblem]]:
@@ -61,7 +66,7 @@ def read_console(path: str | Path) -> ConsoleResult:
     except OSError as e:
         reader.finish()
         res = reader.result()
-        res.problems.append(ReadProblem(name, f"read error after line {reader.info.lines}: {e.strerror or e}; "
+        res.problems.append(ReadProblem(name, f"read error after line {res.info.lines}: {e.strerror or e}; "
                                               f"what came before was used", kind="truncated"))
         return res
     reader.finish()
@@ -69,45 +74,46 @@ def read_console(path: str | Path) -> ConsoleResult:
 
 
 def _open_regular(p: Path, name: str):
-    """(binary file object, None), or (None, ReadProblem) for what must not be read: never blocks on a FIFO
-    (opened non-blocking, then checked), refuses files larger than ``MAX_LOG_BYTES``."""
+    """(binary file object, None), or (None, ReadProblem) for what must not be read: a path discover refused,
+    anything but a regular file (``limits.open_regular`` refuses a FIFO without blocking), a file larger than
+    ``MAX_LOG_BYTES``."""
+    refusal = getattr(p, "refusal", None)  # a path discover would not read (see discover.Refused)
+    if refusal is not None:
+        return None, refusal
     try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        return None, ReadProblem(name, f"cannot read log: {e.strerror or e}", fatal=True)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            why = "not a regular file (a FIFO, socket or device): not read, since reading it could wait forever"
-        elif st.st_size > C.MAX_LOG_BYTES:
-            why = (f"{st.st_size:,} bytes, over the {C.MAX_LOG_BYTES:,}-byte limit for a console log "
-                   f"(higgs_diag.run.console.MAX_LOG_BYTES): not read; pass the part of the log that matters")
-        else:
-            return os.fdopen(fd, "rb"), None
-    except OSError as e:
-        why = f"cannot read log: {e.strerror or e}"
-    os.close(fd)
-    return None, ReadProblem(name, why, kind="unreadable", fatal=True)
+        fh, size = limits.open_regular(p, what="console log")
+    except limits.NotReadable as e:
+        return None, ReadProblem(name, str(e), kind="unreadable", fatal=True)
+    if size > C.MAX_LOG_BYTES:
+        fh.close()
+        return None, ReadProblem(name, f"{size:,} bytes, over the {C.MAX_LOG_BYTES:,}-byte limit for a console log "
+                                       f"(higgs_diag.run.console.MAX_LOG_BYTES): not read; pass the part of the "
+                                       f"log that matters", kind="unreadable", fatal=True)
+    return fh, None
 
 
 def segments(fh, limit: int = C.MAX_SEGMENT_BYTES):
     """Every ``\\r``- or newline-separated segment of a binary stream: ``(line number (1-based), first segment of
     its line, bytes (at most ``limit``), cut)``. Streams in ``CHUNK``-byte reads."""
     line_no, first = 1, True
-    buf = bytearray()
+    buf = bytearray()  # the start of a segment that continues in the next chunk
     cut = False
     for chunk in iter(lambda: fh.read(CHUNK), b""):
         pos = 0
         for m in _SEP.finditer(chunk):
-            piece = chunk[pos:m.start()]
-            room = limit - len(buf)
-            if len(piece) > room:
-                piece, cut = piece[:max(room, 0)], True
-            buf += piece
-            yield line_no, first, bytes(buf), cut
-            buf.clear()
+            start = m.start()
+            if buf or start - pos > limit:
+                room = limit - len(buf)
+                piece = chunk[pos:start]
+                if len(piece) > room:
+                    piece, cut = piece[:max(room, 0)], True
+                seg = bytes(buf + piece)
+                buf.clear()
+            else:
+                seg = chunk[pos:start]
+            yield line_no, first, seg, cut
             cut = False
-            if m.group() == b"\r":
+            if chunk[start] == 13 and m.end() - start == 1:  # a lone carriage return: same line
                 first = False
             else:
                 line_no, first = line_no + 1, True
@@ -117,7 +123,7 @@ def segments(fh, limit: int = C.MAX_SEGMENT_BYTES):
         if len(piece) > room:
             piece, cut = piece[:max(room, 0)], True
         buf += piece
-    if buf:
+    if buf or cut:
         yield line_no, first, bytes(buf), cut
 
 
@@ -138,11 +144,13 @@ class _Reader:
         self.events: list[LogEvent] = []
         self._last_of_kind: dict[str, int] = {}
         self._n_of_kind: dict[str, int] = {}
-        self.steps, self.values, self.metric_ids = array("q"), array("d"), array("l")
+        self.steps, self.values, self.metric_ids = array("q"), array("d"), array("q")
         self.metric_names: list[str] = []
         self._metric_index: dict[str, int] = {}
         self.rank: int | None = None
         self.ranks: set[int] = set()
+        self._line = 0
+        self._last: tuple[str, int | None, int] | None = None  # the last non-empty segment: text, rank, line
         self.tb: dict[int | None, _Traceback] = {}
         # the current training session (rank 0)
         self.total: int | None = None  # the Trainer bar's total
@@ -180,52 +188,57 @@ class _Reader:
 
     def result(self) -> ConsoleResult:
         names = self.metric_names
+        self.info.lines = self._line
+        if self._last is not None:
+            text, rank, no = self._last
+            prefix = f"[rank{rank}]: " if rank is not None else ""
+            self.info.last_line, self.info.last_line_no = (prefix + text)[:MAX_LINE], no
         self.info.ranks = tuple(sorted(self.ranks))
         self.info.points = len(self.steps)
-        return ConsoleResult(events=self.events, info=self.info, steps=self.steps,
-                             metrics=[names[i] for i in self.metric_ids], values=self.values)
+        return ConsoleResult(events=self.events, info=self.info, steps=self.steps, metric_codes=self.metric_ids,
+                             metric_names=list(names), values=self.values)
 
     # ---- one segment -------------------------------------------------------------------------------------
     def feed(self, line_no: int, first: bool, raw: bytes, cut: bool) -> None:
-        self.info.lines = line_no
+        self._line = line_no
         if cut:
             self.info.cut_segments += 1
-        text = raw.decode("utf-8", errors="replace")
         if first:
-            m = C.RANK.match(text)
-            self.rank = int(m.group(1)) if m else None
-            if m:
-                self.ranks.add(self.rank)
-                text = text[m.end():]
-        if not text.strip():
-            return
-        plain = C.ANSI.sub("", text) if "\x1b" in text else text
-        s = plain.strip()
-        if s:
-            prefix = f"[rank{self.rank}]: " if self.rank is not None else ""
-            self.info.last_line, self.info.last_line_no = (prefix + s)[:MAX_LINE], line_no
-        self._segment(text, line_no)
+            self.rank = None  # until a prefix says otherwise (read by _segment)
+        self._segment(raw.decode("utf-8", errors="replace"), line_no)
 
     def _segment(self, text: str, line_no: int) -> None:
-        tb = self.tb.get(self.rank)
+        if text[:1] == "[":  # another rank's output can follow a bar on the same line (tqdm writes no newline)
+            m = C.RANK.match(text)
+            if m:
+                self.rank = int(m.group(1))
+                self.ranks.add(self.rank)
+                text = text[m.end():]
         plain = C.ANSI.sub("", text) if "\x1b" in text else text
-        if tb is not None and self._traceback_line(tb, plain, line_no):
-            return
-        bar = C.BAR.search(text)
-        if bar is not None:
-            if self.rank in (None, 0):
-                desc = C.ANSI.sub("", text[:bar.start()]).strip().rstrip(":").strip()
-                nested = text[bar.end():].startswith(C.CURSOR_UP)  # the bar one row lower: evaluation
-                self._bar(desc, int(bar.group("n")), int(bar.group("total")), nested, line_no)
-            tail = text[bar.end():]
-            if tail.strip():
-                self._segment(tail, line_no)
-            return
         s = plain.strip()
-        for kind, pat in C.MESSAGES:
-            if pat.search(s):
-                self._event(kind, line_no, s)
-                break
+        if not s:
+            return
+        self._last = (s, self.rank, line_no)
+        if self.pending_dicts and self.rank in (None, 0) and "%|" not in text and "{'" not in text:
+            self._flush_dicts()  # no bar redrawn right after the dict (torchrun's tee): the bar before it counts
+        if self.tb:
+            tb = self.tb.get(self.rank)
+            if tb is not None and self._traceback_line(tb, plain, line_no):
+                return
+        if "%|" in text:
+            bar = C.BAR.search(text)
+            if bar is not None:
+                if self.rank in (None, 0):
+                    desc = C.ANSI.sub("", text[:bar.start()]).strip().rstrip(":").strip()
+                    nested = text[bar.end():].startswith(C.CURSOR_UP)  # the bar one row lower: evaluation
+                    self._bar(desc, int(bar.group("n")), int(bar.group("total")), nested, line_no)
+                self._segment(text[bar.end():], line_no)  # a dict, a print or a traceback may follow the bar
+                return
+        if not C.QUICK.search(s):
+            return
+        if C.MESSAGE_ANY.search(s):
+            kind = next(kind for kind, pat in C.MESSAGES if pat.search(s))
+            self._event(kind, line_no, s)
         if C.TRACEBACK_START in s:
             self.tb[self.rank] = _Traceback(line_no)
             return
@@ -274,10 +287,10 @@ class _Reader:
         if comp is not None:
             self._component(*comp)
             return
-        if "Step" in plain or "Val" in plain:
-            if self._step_line(plain, line_no):
-                return
-        self._marker(plain, s, line_no)
+        if ("Step" in plain or "Val" in plain) and self._step_line(plain, line_no):
+            return
+        if C.MARKER_ANY.search(plain):
+            self._marker(plain, s, line_no)
 
     def _marker(self, plain: str, s: str, line_no: int) -> None:
         if C.TRAINING_START.search(plain):
@@ -326,8 +339,8 @@ class _Reader:
         if nested:  # the evaluation bar: its forwards are not training values; at n == total it is done
             self._eval_bar(n, total)
             return
-        if self.total is None:
-            if self.info.sessions == 0 or self.restart:
+        if self.total is None:  # the first Trainer bar of the log, or after a crash or a finished session
+            if self.info.sessions == 0 or self.restart or self.info.completed:
                 self._new_session(line_no)
         elif total != self.total:
             if not self.restart:  # another total in the same process: an evaluation bar at position 0
@@ -365,8 +378,9 @@ class _Reader:
     def _log_dict(self, d: dict[str, float], s: str, line_no: int) -> None:
         if "train_runtime" in d:
             self._completed(line_no, s)
-        if any(k.startswith("eval_") for k in d):
-            self._enter_eval()
+        if any(k.startswith("eval_") for k in d):  # printed when the evaluation is over: drop its forwards
+            self.pending.clear()
+            self.in_eval = False
         if self.total is None:  # no Trainer bar: the dict has no step (trainer_state/TensorBoard hold it)
             self.info.unplaced += 1
             return
