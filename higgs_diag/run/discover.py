@@ -75,10 +75,14 @@ class RunFiles:
 
 def discover(path: str | os.PathLike, log_files: list[str | os.PathLike] | None = None) -> RunFiles:
     root = Path(path)
-    if not os.path.lexists(root):
-        raise RunReadError(f"{root}: no such file or directory")
+    try:
+        os.lstat(root)
+    except FileNotFoundError:
+        raise RunReadError(f"{root}: no such file or directory") from None
+    except OSError as e:
+        raise RunReadError(f"{root}: cannot be examined ({e.strerror or e})") from None
     files = RunFiles(root=root)
-    if not root.is_dir():  # one file (a FIFO or device is refused by its reader, without blocking)
+    if not os.path.isdir(root):  # one file (a FIFO or device is refused by its reader, without blocking)
         if is_event_file(root.name):
             files.event_files.append(root)
         elif root.suffix in (".log", ".txt", ".out", ".err"):

@@ -149,14 +149,11 @@ class _ChunkReader:
             buf[FRONT:FRONT + len(carry)] = np.frombuffer(carry, dtype=np.uint8)
             got = _readinto(fh, memoryview(buf)[FRONT + len(carry):FRONT + len(carry) + want])
             n, eof = len(carry) + got, got < want
-            if self.base == 0 and (eof or n < 12):
-                refusal = _refusal(buf, FRONT, n, name)
+            if self.base == 0 and (eof or n >= len(LFS_PREFIX)):  # empty, too short or a Git LFS pointer
+                refusal = _refusal(buf, FRONT, n, name) if eof else _refusal(buf, FRONT, max(n, 12), name)
                 if refusal is not None:
                     self.res.problems.append(refusal)
                     return
-            elif self.base == 0 and buf[FRONT:FRONT + len(LFS_PREFIX)].tobytes() == LFS_PREFIX:
-                self.res.problems.append(_refusal(buf, FRONT, n, name))
-                return
             if n == 0:
                 return
             frames = check_frames(buf, FRONT, n, name, base=self.base, eof=eof, before=self.n_records)

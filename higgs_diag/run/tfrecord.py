@@ -118,9 +118,15 @@ def _candidates(buf: np.ndarray, F: int, n: int) -> tuple[np.ndarray, np.ndarray
     return q[ok], Lp[ok]
 
 
-def walk(buf: np.ndarray, F: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _bad_header(buf: np.ndarray, F: int, pos: int) -> bool:
+    return bool(header_crcs(buf, np.array([pos + F]))[0] != u32_at(buf, np.array([pos + F + 8]))[0])
+
+
+def walk(buf: np.ndarray, F: int, n: int, stop_at_bad_header: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Every record start from byte 0 (whose 12-byte header is in the file) and its declared length,
-    exactly as a sequential walk finds them; vectorised where the data allows."""
+    exactly as a sequential walk finds them; vectorised where the data allows. With ``stop_at_bad_header``
+    the sequential parts stop after a record whose header CRC does not match (nothing after it is trusted, and
+    a run of zero bytes would otherwise be walked as 16-byte records one by one)."""
     parts_s: list[np.ndarray] = []
     parts_l: list[np.ndarray] = []
     pos = 0
@@ -157,13 +163,23 @@ def walk(buf: np.ndarray, F: int, n: int) -> tuple[np.ndarray, np.ndarray]:
             if len(s_list) > before and pos2 == pos:  # truncated record: done
                 pos = n
                 break
+            if stop_at_bad_header and len(s_list) > before and _bad_header(buf, F, pos):
+                pos = n
+                break
             pos = pos2
         if s_list:
             parts_s.append(np.asarray(s_list, dtype=np.int64))
             parts_l.append(np.asarray(l_list, dtype=np.int64))
     if pos + 12 <= n:
         s_list, l_list = [], []
-        walk_seq(buf, F, n, pos, s_list, l_list)
+        if stop_at_bad_header:
+            while pos + 12 <= n:
+                pos2 = walk_seq(buf, F, n, pos, s_list, l_list, limit=1)
+                if pos2 == pos or _bad_header(buf, F, pos):
+                    break
+                pos = pos2
+        else:
+            walk_seq(buf, F, n, pos, s_list, l_list)
         parts_s.append(np.asarray(s_list, dtype=np.int64))
         parts_l.append(np.asarray(l_list, dtype=np.int64))
     if not parts_s:
@@ -201,7 +217,7 @@ def check_frames(buf: np.ndarray, F: int, n: int, name: str, *, base: int = 0, e
     stray bytes are dropped with a problem; before it they are the ``rest`` to read on from. ``base`` is the
     file offset of buf[F] and ``before`` the number of records before it (for the problems' offsets and
     counts)."""
-    starts, lens = walk(buf, F, n)
+    starts, lens = walk(buf, F, n, stop_at_bad_header=True)
     R = len(starts)
     hcrc = header_crcs(buf, starts + F)
     bad = np.flatnonzero(hcrc != u32_at(buf, starts + F + 8))

@@ -327,6 +327,20 @@ def _entry_steps(history: list, res: StateResult) -> list[int]:
     return steps
 
 
+_SMALL_GROUP = 8  # key groups with fewer entries are converted value by value
+
+
+def _value(v, key: str, res: StateResult) -> float | None:
+    """One log_history value as float; None (counted as non-numeric or out of range) when it is not a number."""
+    f = _to_float(v)
+    if f is None:
+        if is_out_of_range(v) or isinstance(v, int):
+            res.range_problem(f"{key} {_show(v)}")
+        else:
+            res.non_numeric += 1
+    return f
+
+
 def _flatten(history: list, res: StateResult) -> None:
     """log_history -> long columns in entry order. Entries are grouped by their key tuple (a 143k-step
     history has a handful of distinct ones) so that each group converts to floats in one numpy call;
@@ -340,12 +354,24 @@ def _flatten(history: list, res: StateResult) -> None:
             res.non_numeric += 1
     order_parts, step_parts, metric_parts, value_parts = [], [], [], []
     width = max((len(k) for k in groups), default=1) + 1  # entry index * width + key position = entry order
+    small: tuple[list, list, list, list] = ([], [], [], [])  # groups of a few entries: value by value
     for keys, idx in groups.items():
         keys = tuple(k for k in keys if k != "step")
         if any(len(k) > limits.MAX_NAME_CHARS for k in keys):
             res.long_keys += sum(len(k) > limits.MAX_NAME_CHARS for k in keys) * len(idx)
             keys = tuple(k for k in keys if len(k) <= limits.MAX_NAME_CHARS)
         if not keys:
+            continue
+        if len(idx) < _SMALL_GROUP:  # per-group numpy calls would cost more than they save (linear either way)
+            for i in idx:
+                entry = history[i]
+                for c, k in enumerate(keys):
+                    f = _value(entry[k], k, res)
+                    if f is not None:
+                        small[0].append(i * width + c)
+                        small[1].append(entry_steps[i])
+                        small[2].append(KEY_ALIASES.get(k, k))
+                        small[3].append(f)
             continue
         entries = [history[i] for i in idx]
         getter = operator.itemgetter(*keys)
@@ -360,13 +386,8 @@ def _flatten(history: list, res: StateResult) -> None:
             present = np.zeros(block.shape, dtype=bool)
             for r, row in enumerate(rows):
                 for c, v in enumerate(row):
-                    f = _to_float(v)
-                    if f is None:
-                        if is_out_of_range(v) or isinstance(v, int):
-                            res.range_problem(f"{keys[c]} {_show(v)}")
-                        else:
-                            res.non_numeric += 1
-                    else:
+                    f = _value(v, keys[c], res)
+                    if f is not None:
                         block[r, c] = f
                         present[r, c] = True
         n_k = len(keys)
@@ -377,6 +398,13 @@ def _flatten(history: list, res: StateResult) -> None:
         names = np.array([KEY_ALIASES.get(k, k) for k in keys], dtype=object)
         metric_parts.append(np.broadcast_to(names, block.shape)[present])
         value_parts.append(block[present])
+    if small[0]:
+        order_parts.append(np.asarray(small[0], dtype=np.int64))
+        step_parts.append(np.asarray(small[1], dtype=np.int64))
+        names = np.empty(len(small[2]), dtype=object)
+        names[:] = small[2]
+        metric_parts.append(names)
+        value_parts.append(np.asarray(small[3], dtype=np.float64))
     if not order_parts:
         return
     order = np.concatenate(order_parts)
