@@ -12,7 +12,7 @@ import pandas as pd
 from .. import layout
 from ..config import Thresholds
 from ..diagnosis import Finding, Severity
-from ..run.model import Run
+from ..run.model import Run, pick_source
 from . import check, finding
 from ._util import finite, fmt, loss_not_cross_entropy, smoothed, value_at
 from ..hf_args import best_metric_name
@@ -34,7 +34,7 @@ def _last_session(run: Run, metric: str) -> tuple[pd.Series, int]:
         return s, 0
     sub = df[df["metric"] == metric]
     counts = sub.groupby("source", observed=True)["step"].size()
-    best = max(counts.index, key=lambda src: (counts[src], src == "trainer_state"))
+    best = pick_source(counts[counts > 0])  # the source run.series reads
     sub = sub[sub["source"] == best]
     back = np.flatnonzero(np.diff(sub["step"].to_numpy()) < 0)
     if not len(back):

@@ -74,7 +74,23 @@ def logged_for(rec: BatchRecord, run, checkpoint_step: int | None) -> LoggedLoss
         at = int(s.index[i]) if at is None else at
     if not values:
         return None
-    src = "trainer_state.json" if run.state is not None else "TensorBoard"
-    file = run.state.path if run.state is not None else run.args_file
+    src, file = _source_of(run, next(iter(values)))
     return LoggedLosses(source=f"run logs ({src})", step=at, values=values, exact=exact and ls == 1 and at == step,
                         file=file)
+
+
+_SOURCE_NAMES = {"trainer_state": "trainer_state.json", "tensorboard": "TensorBoard", "console": "console log"}
+
+
+def _source_of(run, metric: str) -> tuple[str, str | None]:
+    """Which source (and file) ``run.series(metric)`` reads: trainer_state.json, TensorBoard or the console."""
+    from ..run.model import pick_source
+
+    df = run.scalars
+    sub = df[df["metric"] == metric]
+    if sub.empty:
+        return "logs", None
+    counts = sub.groupby("source", observed=True)["step"].size()
+    src = pick_source(counts[counts > 0])
+    files = sub.loc[sub["source"] == src, "file"]
+    return _SOURCE_NAMES.get(str(src), str(src)), (str(files.iloc[-1]) if len(files) else None)
