@@ -73,3 +73,41 @@ def test_release_geometry_collapse_and_healthy():
     assert bad.findings[0].code in ("HD201", "HD204") and bad.findings[0].severity == Severity.CRITICAL
     good = higgs_diag.analyze(COMMUNITY / "release-geometry-healthy")
     assert not good.at_or_above(Severity.WARNING), [(f.code, f.title) for f in good.findings]
+
+
+# the first finding each community-style run gets from its logs alone (no replay)
+EXPECTED = {
+    "total-loss-console-collapse": ("HD204", Severity.CRITICAL),  # only the total logged; components printed
+    "eval-crash-batch-object": ("HD011", Severity.CRITICAL),
+    "sigterm-midrun": ("HD010", Severity.WARNING),
+    "fp16-weights-no-amp": ("HD307", Severity.CRITICAL),
+    "overfit-collapsing-train": ("HD405", Severity.WARNING),
+    "release-geometry-unshifted": ("HD201", Severity.CRITICAL),
+}
+QUIET = ["custom-loop-console-only", "release-geometry-healthy", "interleaved-ranks"]
+
+
+@pytest.mark.skipif(not COMMUNITY.is_dir(), reason="fixtures/community missing")
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_community_run_leads_with_its_cause(name):
+    code, sev = EXPECTED[name]
+    diag = higgs_diag.analyze(COMMUNITY / name)
+    lead = diag.findings[0]
+    assert (lead.code, lead.severity) == (code, sev), [(f.code, str(f.severity), f.caused_by) for f in diag.findings]
+
+
+@pytest.mark.skipif(not COMMUNITY.is_dir(), reason="fixtures/community missing")
+@pytest.mark.parametrize("name", QUIET)
+def test_healthy_community_runs_stay_quiet(name):
+    diag = higgs_diag.analyze(COMMUNITY / name)
+    assert not diag.at_or_above(Severity.WARNING), [(f.code, f.title) for f in diag.findings]
+
+
+def test_checkpoint_dtype_is_read_from_the_header_not_loaded():
+    from higgs_diag.run.checkpoint_meta import weights_dtype
+
+    root = Path(__file__).resolve().parents[1] / "fixtures"
+    assert weights_dtype(root / "replay" / "healthy" / "checkpoint-200")[0] == "float32"
+    if COMMUNITY.is_dir():
+        dt, where = weights_dtype(COMMUNITY / "fp16-weights-no-amp" / "checkpoint-60")
+        assert dt == "float16" and "safetensors header" in where

@@ -413,15 +413,15 @@ _HALF = ("float16", "torch.float16", "fp16", "half")
 
 
 def _weights_dtype(run: Run) -> tuple[str | None, str]:
-    """The dtype the weights were stored in: the logged model_config's `torch_dtype`, else the checkpoints'
-    safetensors dtype (when the reader recorded it)."""
+    """The dtype the weights were trained in: what the checkpoints store (their safetensors headers, else their
+    config.json), else the logged model_config's `torch_dtype` (HF leaves it at the dtype the config was made
+    with when the model is cast later, e.g. `model.half()`)."""
+    for c in run.checkpoints:
+        if c.dtype:
+            return str(c.dtype), f"{c.dtype_from}: weights stored as {c.dtype}"
     dt = run.config("torch_dtype")
     if isinstance(dt, str) and dt:
         return dt, f"model_config torch_dtype={dt!r} ({run.model_config_file})"
-    for c in run.checkpoints:
-        d = getattr(c, "dtype", None)
-        if d:
-            return str(d), f"{c.path}: weights stored as {d}"
     return None, ""
 
 
@@ -429,8 +429,8 @@ def _weights_dtype(run: Run) -> tuple[str | None, str]:
 def half_weights_without_amp(run: Run, t: Thresholds) -> list[Finding]:
     """float16 weights trained without mixed precision: every update is computed in float16, which overflows.
 
-    What it detects: the model's weights are float16 (the logged `model_config` says `"torch_dtype":
-    "float16"`, or the checkpoints store float16) while the TrainingArguments have `fp16=False` and
+    What it detects: the model's weights are float16 (the checkpoints store float16, read from their
+    safetensors headers or `config.json`, or the logged `model_config` says `"torch_dtype": "float16"`) while the TrainingArguments have `fp16=False` and
     `bf16=False`, and the run went non-finite: a NaN/Inf loss or `grad_norm`, or a loss logged as 0.0 while
     `grad_norm` is NaN (HF's NaN filter).
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..layout import is_checkpoint_name
 from .discover import RunFiles, RunReadError, discover
+from .checkpoint_meta import weights_dtype
 from .logs import read_console
 from .model import ReadProblem, Run, SCALAR_COLUMNS, empty_scalars
 from .trainer_state import KEY_ALIASES, read_trainer_state
@@ -116,6 +117,9 @@ def load_run(path: str | os.PathLike, log_files=None, progress=None, files: RunF
         raise RunReadError(f"{path}: no trainer_state.json, TensorBoard event file, checkpoint or log found")
     run = Run(root=str(path))
     run.checkpoints = files.checkpoints
+    for c in run.checkpoints:  # a header read each: the weights are never loaded
+        if c.has_full_model or c.has_adapter:
+            c.dtype, c.dtype_from = weights_dtype(c.path)
     run.other_files = [f for f, _ in files.not_read]
     parts: list[dict] = []  # per-file columns, assembled once at the end
 

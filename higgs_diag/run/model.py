@@ -82,6 +82,8 @@ class CheckpointInfo:
     path: str
     step: int | None
     files: list[str]
+    dtype: str | None = None  # the weights' dtype (safetensors header, else config.json torch_dtype)
+    dtype_from: str | None = None
 
     @property
     def has_trainer_state(self) -> bool:
