@@ -8,7 +8,7 @@ DEMO_OUT ?= higgs-diag-report
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.higgs-diag-installed
 
-.PHONY: demo test venv docs bench clean
+.PHONY: demo test venv docs bench clean fuzz
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The readers' property-based fuzzing with a large budget (tests/test_fuzz.py; `make test` runs a few seconds of
+# it): FUZZ_EXAMPLES inputs for each of the 5 properties, random seeds. See "Hostile input" in docs/design.md.
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	HIGGS_DIAG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py --durations=5
 
 docs: $(STAMP)
 	$(PY) -m higgs_diag.checks.docgen > docs/checks.md
