@@ -157,3 +157,17 @@ def test_corpus_reads_without_traceback(path):
     assert run.files_read
     for p in run.problems:
         assert p.file and p.message
+
+
+def test_hf_unknown_epochs_sentinel_is_not_damage(tmp_path):
+    """transformers writes num_train_epochs = sys.maxsize when max_steps is set and the dataset has no length
+    (four corpus files do): that is HF's sentinel, not an out-of-range value."""
+    import json as _json
+
+    import higgs_diag
+
+    p = tmp_path / "trainer_state.json"
+    p.write_text(_json.dumps({"global_step": 2, "max_steps": 2, "num_train_epochs": 9223372036854775807,
+                              "log_history": [{"loss": 1.0, "step": 1}, {"loss": 0.9, "step": 2}]}))
+    run = higgs_diag.load_run(p)
+    assert run.problems == [] and run.state.num_train_epochs is None

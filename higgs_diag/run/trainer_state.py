@@ -16,6 +16,9 @@ from pathlib import Path
 from .. import limits
 from .model import ReadProblem, TrainerStateInfo
 
+# transformers sets num_train_epochs = sys.maxsize when max_steps is given and the dataset has no length
+HF_EPOCHS_UNKNOWN = 2 ** 63 - 1
+
 LFS_PREFIX = "version https://git-lfs.github.com/spec/"
 # Canonical names for keys some trainers log under another name.
 KEY_ALIASES = {"lr": "learning_rate", "train/loss": "loss", "eval/loss": "eval_loss"}
@@ -258,6 +261,8 @@ def read_trainer_state(path: str | Path) -> StateResult:
     for key in _INT_FIELDS:
         setattr(info, key, _int_field(data.get(key), key, res))
     nte = _to_float(data.get("num_train_epochs"))
+    if nte == float(HF_EPOCHS_UNKNOWN):
+        nte = None  # HF's own sentinel (max_steps with a dataset of unknown length), not damage
     if nte is not None and not (math.isfinite(nte) and abs(nte) <= limits.MAX_STEP):
         res.range_problem(f"num_train_epochs {_show(nte)}")
         nte = None
