@@ -1,11 +1,17 @@
 """Build a HiggsAudioModel from its config and load a checkpoint into it: offline, strict, no unpickling.
 
 The model is built with boson_multimodal's ``HiggsAudioModel(config)`` (never ``from_pretrained`` with a hub
-id), without random initialisation, directly on the target device and dtype. The weights are then copied in
-tensor by tensor from the safetensors files (peak memory: the model plus one tensor), after checking that the
-file's keys and shapes are exactly the model's. LoRA weights (a PEFT adapter folder, or LoRA keys inside a
+id), its parameters on the ``meta`` device (no memory, no random initialisation; buffers such as the rotary
+frequencies are built for real on the target device). After checking that the file's keys and shapes are
+exactly the model's, the safetensors tensors are *assigned* to the parameters: memory-mapped views of the
+files when their dtype is the one used on CPU (no copy: the weights stay file-backed pages, as with
+``from_pretrained(low_cpu_mem_usage=True)``), converted or moved copies otherwise. The default dtype is the
+checkpoint's own (the base's for an adapter). Before anything is loaded, the memory needed is compared with the
+memory available (``higgs_diag.replay.memory``). LoRA weights (a PEFT adapter folder, or LoRA keys inside a
 wrapper's state dict) are merged into the base weights: ``W += scale * B @ A`` with PEFT's scale
-(``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA, per-module ``rank_pattern``/``alpha_pattern``).
+(``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA, per-module ``rank_pattern``/``alpha_pattern``);
+the files are mapped private (copy-on-write), so a merge only turns the adapted matrices into private memory and
+never writes to a file.
 """
 from __future__ import annotations
 
@@ -18,8 +24,10 @@ from typing import Any
 
 import torch
 
+from . import memory
 from .checkpoint import Inspection, headers, normalize_base_key, parse_lora_key
 from .errors import ReplayError, missing_package
+from ..layout import ADAPTER_CONFIG, LORA_ADAPTERS_DIR
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -53,11 +61,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | None, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """``auto``: the dtype the checkpoint's weights are stored in (``checkpoint_dtype``: a torch dtype name such
+    as ``bfloat16``, or a safetensors one such as ``BF16``), on every device; float32 when unknown."""
     name = (dtype or "auto").strip().lower()
     if name == "auto":
-        if device.type == "cpu":
-            return torch.float32  # bf16/fp16 matmuls are slow or missing on CPU
-        return DTYPES.get(_ST_DTYPES.get(checkpoint_dtype or "", "float32"), torch.float32)
+        stored = _ST_DTYPES.get(checkpoint_dtype or "", checkpoint_dtype or "")
+        return DTYPES.get(str(stored).lower(), torch.float32)
     if name not in DTYPES:
         raise ReplayError(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
     return DTYPES[name]
@@ -73,7 +82,27 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside is replaced by a ``meta`` tensor of its shape and dtype (buffers and
+    plain tensors stay real): the model costs no memory until the checkpoint's tensors are assigned."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype, config_from: str | None):
+    """The model with its parameters on ``meta`` (shapes and dtypes only) and its buffers on ``device``."""
     HiggsAudioConfig, HiggsAudioModel = import_boson()
     mt = str(config.get("model_type") or "")
     if mt and mt != "higgs_audio":
@@ -87,7 +116,7 @@ def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype
     from transformers.modeling_utils import no_init_weights
 
     try:
-        with _default_dtype(dtype), device, no_init_weights():
+        with _default_dtype(dtype), device, no_init_weights(), _parameters_on_meta():
             model = HiggsAudioModel(cfg)
     except Exception as e:
         raise ReplayError(f"{config_from}: HiggsAudioModel cannot be built from this config "
@@ -126,8 +155,9 @@ def _lora_scale(module: str, rank: int, insp: Inspection) -> float:
     return float(alpha) / r
 
 
-def _plan(insp: Inspection, expected: dict[str, torch.Tensor]):
-    """-> (copies {target: (file, key)}, loras {module: _Lora}); raises ReplayError on any mismatch."""
+def _plan(insp: Inspection, expected: dict[str, torch.Tensor], base: dict[str, tuple[Path, list[int], str]] | None = None):
+    """-> (copies {target: (file, key)}, loras {module: _Lora}); raises ReplayError on any mismatch. ``base``: the
+    headers of an adapter's base files, when already read."""
     src = insp.source
     copies: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, list[int]] = {}
@@ -164,7 +194,7 @@ def _plan(insp: Inspection, expected: dict[str, torch.Tensor]):
             shapes[target] = shape
 
     if src.kind == "adapter":
-        add_plain(headers([Path(f) for f in src.weight_files[:-1]]), "")
+        add_plain(base if base is not None else base_headers(insp), "")
         add_plain(insp.tensors, src.prefix)
     else:
         add_plain(insp.tensors, src.prefix)
@@ -194,31 +224,91 @@ def _plan(insp: Inspection, expected: dict[str, torch.Tensor]):
     return copies, loras
 
 
+def base_headers(insp: Inspection) -> dict[str, tuple[Path, list[int], str]]:
+    """The headers of an adapter's base model files ({} for other checkpoints)."""
+    if insp.source.kind != "adapter":
+        return {}
+    return headers([Path(f) for f in insp.source.weight_files[:-1]])
+
+
+def loaded_weights(insp: Inspection, base: dict[str, tuple[Path, list[int], str]] | None = None) -> memory.Weights:
+    """What loading the checkpoint puts in memory (the base's weights for an adapter), from the headers."""
+    tensors = base if insp.source.kind == "adapter" else insp.tensors
+    if tensors is None:
+        tensors = base_headers(insp)
+    prefix = insp.source.prefix if insp.source.kind != "adapter" else ""
+    return memory.count_weights((k, shape, dt) for k, (_f, shape, dt) in tensors.items() if k.startswith(prefix))
+
+
+def _config_dtype(config: dict[str, Any] | None) -> str | None:
+    for c in (config or {}, (config or {}).get("text_config") or {}):
+        v = c.get("torch_dtype") if isinstance(c, dict) else None
+        if isinstance(v, str) and v.replace("torch.", "") in DTYPES:
+            return v.replace("torch.", "")
+    return None
+
+
+def _adapter_alternative(insp: Inspection):
+    """A LoRA adapter saved next to merged/wrapper weights (``checkpoint-N/lora_adapters/``): replaying it on
+    its base may need less memory. Yields (option text, weights, config, dtype) when it can be inspected."""
+    sub = insp.folder / LORA_ADAPTERS_DIR
+    if insp.source.kind == "adapter" or not (sub / ADAPTER_CONFIG).is_file():
+        return
+    from .checkpoint import inspect_checkpoint
+
+    try:
+        alt = inspect_checkpoint(sub)
+        w = loaded_weights(alt)
+    except (ReplayError, OSError, ValueError):
+        return
+    dt = w.stored_dtype or _config_dtype(alt.source.config) or "float32"
+    yield f"the LoRA adapter {sub} on its base instead of the merged weights", w, alt.source.config, dt
+
+
 def load_model(insp: Inspection, config: dict[str, Any], config_from: str | None, device: str | None = "cpu",
                dtype: str | None = "auto"):
-    """Build the model and load the checkpoint. Returns (model, torch.device, torch.dtype)."""
+    """Check that the model fits, build it and load the checkpoint. Returns (model, torch.device, torch.dtype)."""
     try:
         from safetensors import safe_open
     except ImportError:  # pragma: no cover
         raise missing_package("safetensors", "Loading a checkpoint", "pip install safetensors") from None
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, insp.source.checkpoint_dtype)
+    base = base_headers(insp) if insp.source.kind == "adapter" else None
+    weights = loaded_weights(insp, base)
+    dt = resolve_dtype(dtype, dev, weights.stored_dtype or _config_dtype(config))
+    dt_name = str(dt).replace("torch.", "")
+    memory.check_fits(weights, config, dev, dt_name, what=insp.source.path, asked=dtype,
+                      alternatives=_adapter_alternative(insp))
     model = build_model(config, dev, dt, config_from)
     expected = model.state_dict()
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    copies, loras = _plan(insp, {k: v for k, v in expected.items() if k not in tied})
+    copies, loras = _plan(insp, {k: v for k, v in expected.items() if k not in tied}, base)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for target, (file, key) in copies.items():
         by_file.setdefault(file, []).append((key, target))
+    state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for file, pairs in by_file.items():
+            # safetensors maps the file privately (copy-on-write); a tensor in the dtype used on CPU is a view
+            # of that mapping, anything else is converted (or moved) as it is read, one tensor at a time
             with safe_open(str(file), framework="pt", device="cpu") as fh:
                 for key, target in pairs:
-                    expected[target].copy_(fh.get_tensor(key))
+                    t = fh.get_tensor(key)
+                    want = expected[target]
+                    if t.dtype != want.dtype or dev.type != "cpu":
+                        t = t.to(device=dev, dtype=want.dtype)
+                    state[target] = t
         if loras:
-            _merge_loras(insp, loras, expected)
+            _merge_loras(insp, loras, state)
+        model.load_state_dict(state, strict=False, assign=True)
+        del state
         if tied and hasattr(model, "tie_weights"):
             model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ReplayError(f"{insp.source.weight_files[0]}: {len(left)} model tensors were not loaded from the "
+                          f"checkpoint (e.g. {', '.join(left[:3])}); the config from {config_from} builds tensors "
+                          f"these weights do not have")
     return model, dev, dt
 
 
