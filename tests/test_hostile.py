@@ -561,9 +561,6 @@ def _timed(f, *a) -> float:
 # replay inputs in modules owned elsewhere: the fix is described, the test waits for it (strict: it fails once
 # fixed, so the marker is removed then)
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="replay/checkpoint.py step_of: int(inf) raises OverflowError (exit 3); read the state "
-                          "with run.trainer_state.read_trainer_state, whose global_step is range-checked")
 def test_replay_step_of_a_folder_whose_state_says_infinity(tmp_path):
     from higgs_diag.replay.checkpoint import step_of
 
@@ -573,9 +570,6 @@ def test_replay_step_of_a_folder_whose_state_says_infinity(tmp_path):
     assert step_of(folder) is None
 
 
-@pytest.mark.xfail(strict=True, raises=PermissionError,
-                   reason="replay/batches.py find_batch_files: an unreadable batches folder raises PermissionError "
-                          "(exit 3); catch OSError around iterdir and raise ReplayError naming the folder")
 def test_replay_unreadable_batches_folder_is_a_one_line_error(tmp_path, monkeypatch):
     from higgs_diag.replay.batches import find_batch_files
     from higgs_diag.replay.errors import ReplayError

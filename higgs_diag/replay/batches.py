@@ -32,8 +32,11 @@ def find_batch_files(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in BATCH_SUFFIXES
-                           and not f.name.endswith(".tmp"))
+            try:
+                files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in BATCH_SUFFIXES
+                               and not f.name.endswith(".tmp"))
+            except OSError as e:
+                raise ReplayError(f"{p}: cannot list this batches folder ({e.strerror or e})") from None
             if not files:
                 raise ReplayError(f"{p}: no batch files (*.pt, *.pth, *.safetensors) in this folder")
             out.extend(files)

@@ -59,12 +59,11 @@ def step_of(folder: Path) -> int | None:
     if step is not None:
         return step
     ts = folder / TRAINER_STATE
-    if ts.is_file():
-        try:
-            gs = json.loads(ts.read_text(encoding="utf-8")).get("global_step")
-            return int(gs) if isinstance(gs, (int, float)) else None
-        except (OSError, ValueError, AttributeError):
-            return None
+    if ts.is_file():  # the run reader's own parse: bounded, range-checked (a global_step of Infinity is None)
+        from ..run.trainer_state import read_trainer_state
+
+        info = read_trainer_state(ts).info
+        return info.global_step if info is not None else None
     return None
 
 
