@@ -176,12 +176,12 @@ def load_batch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if "batch" in data and isinstance(data["batch"], Mapping) and not tensors:  # {"batch": {...}} wrapping
         tensors = {k: v for k, v in data["batch"].items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise BatchError(f"{p}: holds no tensors (keys: {', '.join(map(str, list(data)[:10]))})")
+        raise BatchError(f"{p}: holds no tensors (keys: {_shown(', '.join(map(str, list(data)[:10])))})")
     _check_tensor_sizes(p, tensors)
     known = [k for k in tensors if k in FIELDS]
     if not known:
         raise BatchError(f"{p}: none of its tensors is named like a Higgs Audio batch field "
-                         f"({', '.join(map(str, list(tensors)[:8]))}); expected e.g. {', '.join(REQUIRED)}")
+                         f"({_shown(', '.join(map(str, list(tensors)[:8])))}); expected e.g. {', '.join(REQUIRED)}")
     return tensors, dict(meta)
 
 
@@ -190,7 +190,7 @@ def _check_tensor_sizes(p: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     and all of them within ``limits.MAX_BATCH_TENSOR_BYTES``."""
     for k, v in tensors.items():
         if v.numel() > limits.MAX_TENSOR_ELEMENTS:
-            raise BatchError(f"{p}: tensor {k!s:.80} has {v.numel():,} elements, over the limit "
+            raise BatchError(f"{p}: tensor {_shown(k, 80)} has {v.numel():,} elements, over the limit "
                              f"(higgs_diag.limits.MAX_TENSOR_ELEMENTS: {limits.MAX_TENSOR_ELEMENTS:,}); not used")
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     if total > limits.MAX_BATCH_TENSOR_BYTES:
@@ -249,7 +249,7 @@ def _prescan(p: Path, is_zip: bool) -> None:
     if code:
         module, _, attr = code.partition(".")
         module = {"posix": "os", "nt": "os", "__builtin__": "builtins"}.get(module, module)
-        raise BatchError(f"{p}: holds pickled code ({module}.{attr}), not loaded: a batch holds tensors, not "
+        raise BatchError(f"{p}: holds pickled code ({_shown(module + '.' + attr)}), not loaded: a batch holds tensors, not "
                          f"pickled Python objects, and higgs-diag never unpickles code (save a dict of tensors "
                          f"with torch.save, or a .safetensors file)")
     if declared > cap:
@@ -257,8 +257,15 @@ def _prescan(p: Path, is_zip: bool) -> None:
                          f"(higgs_diag.limits.MAX_BATCH_TENSOR_BYTES); not loaded")
 
 
+def _shown(text: Any, limit: int = 120) -> str:
+    """Text from the file (a name, a key) on one line: escapes for anything unprintable, at most ``limit``."""
+    s = str(text)
+    s = s if s.isprintable() else s.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
 def _reason(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return _shown(str(e).strip().splitlines()[0], 200) if str(e).strip() else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -235,6 +235,7 @@ def _bounded_texts(texts: dict[str, str], res: EventFileResult) -> dict[str, str
 
 
 _HUGE_INT = re.compile(r"[0-9]{4000}")
+_LONG_INT = re.compile(r"[0-9]{%d}" % (limits.MAX_INT_DIGITS + 1))
 
 
 def _bounded_config_text(tag: str, text: str, res: EventFileResult) -> str | None:
@@ -254,8 +255,8 @@ def _bounded_config_text(tag: str, text: str, res: EventFileResult) -> str | Non
         return refuse("is an integer out of range")
     dropped: list[str] = []
     clean = _in_range(obj, tag, dropped)
-    if not dropped:
-        return text
+    if not dropped:  # re-serialised all the same when a long integer hid under a repeated key
+        return json.dumps(clean) if _LONG_INT.search(text) else text
     res.problems.append(ReadProblem(
         res.path, f"the `{tag}` text summary has {len(dropped)} value(s) out of range "
                   f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}; NaN, Infinity or beyond "
