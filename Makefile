@@ -33,7 +33,8 @@ test: $(STAMP)
 # it): FUZZ_EXAMPLES inputs for each of the 5 properties, random seeds. See "Hostile input" in docs/design.md.
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP)
-	HIGGS_DIAG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py --durations=5
+	HIGGS_DIAG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py --durations=5 \
+		--hypothesis-show-statistics -W ignore::hypothesis.errors.HypothesisWarning
 
 docs: $(STAMP)
 	$(PY) -m higgs_diag.checks.docgen > docs/checks.md
