@@ -1,5 +1,9 @@
 """What files a run has. RUN_DIR may be an output_dir (checkpoint-*/ and runs/), one checkpoint folder,
-a logging folder with only event files, or one trainer_state.json / event file."""
+a logging folder with only event files, or one trainer_state.json / event file.
+
+Only regular files inside the run are handed to the readers: a folder that cannot be listed, a FIFO, device or
+socket named like a run file, a dangling symlink or a symlink that leaves the run folder is refused with a read
+problem (see :class:`Refused`), so that what could not be read is never silent."""
 from __future__ import annotations
 
 import os
