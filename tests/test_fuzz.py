@@ -8,10 +8,12 @@ Budget: ``HIGGS_DIAG_FUZZ_EXAMPLES`` examples per property (a few seconds each b
 """
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,6 +35,7 @@ EXAMPLES = int(FUZZ) if FUZZ else 40
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=not FUZZ, database=None,
                          suppress_health_check=list(HealthCheck), print_blob=True)
 _TMP = Path(tempfile.mkdtemp(prefix="higgs-diag-fuzz-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
 
 def _file(name: str, data: bytes) -> Path:
