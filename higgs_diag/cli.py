@@ -11,6 +11,7 @@ from . import __version__
 from .config import Selection, SelectionError, Thresholds, load_config_file
 from .diagnosis import SCHEMA, Severity
 from .formatting import clean
+from .report._common import clean_name
 
 FAIL_ON = ("info", "warning", "critical", "never")
 
@@ -91,7 +92,7 @@ class _Group(click.Group):
                 raise
             sub = ctx.invoked_subcommand or "higgs-diag"
             target = ctx.meta.get(TARGET_KEY, "")
-            where = f" while running {sub}" + (f" on {clean(target)}" if target else "")
+            where = f" while running {sub}" + (f" on {clean_name(target)}" if target else "")
             msg = clean(" ".join(str(e).split()))[:300]
             click.echo(f"higgs-diag: internal error{where}: {type(e).__name__}: {msg}; run with --debug for the "
                        f"traceback (and please report it)", err=True)

@@ -84,7 +84,7 @@ def _assemble(parts: list[dict]) -> pd.DataFrame:
 def _parse_json_text(text: str, file: str, what: str, problems: list[ReadProblem]) -> dict | None:
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # JSONDecodeError is a ValueError; so are 4,301-digit ints
         problems.append(ReadProblem(file, f"the `{what}` text summary is not JSON; ignored", kind="unreadable"))
         return None
     return obj if isinstance(obj, dict) else None
