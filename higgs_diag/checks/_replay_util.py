@@ -92,7 +92,7 @@ class Vote:
     closeness: float = math.inf  # |ln(logged / matched)| for a logged vote
 
 
-def _pair(m, part: str) -> tuple[float | None, float | None]:
+def losses_of(m, part: str) -> tuple[float | None, float | None]:
     return (m.audio_ce, m.audio_ce_unshifted) if part == "audio" else (m.text_ce, m.text_ce_unshifted)
 
 
@@ -111,7 +111,7 @@ def _decide(logged: float, s: float, u: float, exact: bool, t) -> str | None:
 
 def _logged_vote(b: BatchRecord, part: str, t, exact: bool) -> Vote | None:
     m = b.model
-    s, u = _pair(m, part)
+    s, u = losses_of(m, part)
     logged, what = finite_pos(logged_value(b, f"{part}_loss")), f"{part}_loss"
     note = ""
     if logged is None and part == "audio" and logged_value(b, "audio_loss") is None and m.text_ce is not None:
@@ -139,7 +139,7 @@ def _internal_vote(b: BatchRecord, part: str, t, why_not_logged: str) -> Vote:
     predicts the next code better than the current one and better than a uniform guess was trained shifted.
     Weights that learned neither (both CEs near the uniform guess: an early checkpoint) give no reading."""
     m = b.model
-    s, u = _pair(m, part)
+    s, u = losses_of(m, part)
     copy = m.audio_copy_rate if part == "audio" else m.text_copy_rate
     rep = m.audio_repeat_rate if part == "audio" else m.text_repeat_rate
     if s is None or u is None or copy is None or rep is None:

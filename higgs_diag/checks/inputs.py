@@ -159,5 +159,4 @@ def training_args_not_read(run, t):
         Severity.INFO,
         "TrainingArguments unknown: training_args.bin is a pickle and is not loaded",
         evidence=[f"{bins[-1]} present (not unpickled)",
-                  f"no `args` text summary in {sum(1 for f in run.files_read if 'tfevents' in f)} event file(s)"],
-    )
+                  f"no `args` text summary in {sum(1 for f in run.files_read if 'tfevents' in f)} event file(s)"])

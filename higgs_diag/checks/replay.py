@@ -12,7 +12,7 @@ import math
 from ..diagnosis import Severity
 from ..evidence import ReplayEvidence
 from . import causes, check, finding
-from ._replay_util import Vote, _pair, dist, finite_pos, logged_value, pairing, pct, shift_vote, where, with_model
+from ._replay_util import Vote, losses_of, dist, finite_pos, logged_value, pairing, pct, shift_vote, where, with_model
 from ._util import fmt
 
 # ---- HD800 -------------------------------------------------------------------------------------------------
@@ -90,8 +90,7 @@ def replay_summary(ev: ReplayEvidence, t):
         e = ev.eval
         ev_lines.append("eval_loss: " + ("produced" if e.produced else "raises" if e.raises else "not produced")
                         + f" (label_names={e.label_names} from {e.label_names_from}, model class {e.model_class})")
-    yield finding(Severity.INFO, title, evidence=ev_lines,
-                  )
+    yield finding(Severity.INFO, title, evidence=ev_lines)
 
 
 # ---- HD801 -------------------------------------------------------------------------------------------------
@@ -174,7 +173,7 @@ def replay_unshifted(ev: ReplayEvidence, t):
     lead = sorted((v for v in found[part0][1] if v.verdict == "unshifted"),
                   key=lambda v: (v.basis != "logged", v.closeness))[0]
     bm = lead.batch.model
-    s, u = _pair(bm, part0)
+    s, u = losses_of(bm, part0)
     if lead.basis == "logged":
         title = (f"The logged loss of {lead.batch.name} matches the unshifted cross-entropy ({fmt(u)}), not the "
                  f"shifted one ({fmt(s)}): the trainer computes the {' and '.join(parts)} loss without the "
@@ -242,8 +241,7 @@ def replay_loss_mismatch(ev: ReplayEvidence, t):
     yield finding(
         Severity.WARNING, f"The logged loss of {len(hits)} batch(es) matches neither the shifted nor the unshifted "
                           f"loss recomputed from the checkpoint",
-        evidence=hits[:5],
-        )
+        evidence=hits[:5])
 
 
 # ---- HD811 -------------------------------------------------------------------------------------------------

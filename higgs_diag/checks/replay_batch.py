@@ -278,8 +278,7 @@ def replay_delay_pattern(ev: ReplayEvidence, t):
         Severity.CRITICAL,
         f"Delay pattern of the batches does not match the model config in {len(hits)} of {len(ev.batches)} batches",
         evidence=[f"{b.name}: {i['field']} {i['message']}" for b, i in hits[:4]]
-                 + [f"model config from {ev.config_from}"],
-        )
+                 + [f"model config from {ev.config_from}"])
 
 
 # ---- HD807 -------------------------------------------------------------------------------------------------
@@ -306,8 +305,7 @@ def replay_non_finite(ev: ReplayEvidence, t):
     if not hits:
         return
     yield finding(Severity.CRITICAL, "The checkpoint produces NaN/Inf logits: its weights are broken",
-                  evidence=hits[:5],
-                  )
+                  evidence=hits[:5])
 
 
 # ---- HD809 -------------------------------------------------------------------------------------------------
@@ -340,11 +338,8 @@ def replay_batch_framing(ev: ReplayEvidence, t):
     if not lines:
         return
     yield finding(Severity.WARNING, "Audio segments or labels are not framed like boson's collator builds them",
-                  evidence=lines[:6],
-                  )
+                  evidence=lines[:6])
 
-
-# The replay names the cause behind what the logs show.
 
 
 # ---- HD812 -------------------------------------------------------------------------------------------------
