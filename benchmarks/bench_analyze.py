@@ -42,7 +42,6 @@ EVAL_STEPS = 500
 SAVE_STEPS = 1000
 WARMUP = 500
 PEAK_LR = 5e-5
-STEPS_PER_EPOCH = MAX_STEPS / 3.0
 SEED = 20240917
 T0 = 1_736_932_364.0  # 2025-01-15 09:12:44 UTC
 RUN_NAME = "Jan15_09-12-44_node-0"
@@ -54,25 +53,25 @@ sys.path.insert(0, str(REPO))
 
 
 # ------------------------------------------------------------------------------------------------
-# The reference run
+# The reference run, at any length
 # ------------------------------------------------------------------------------------------------
-def _curves():
+def _curves(max_steps: int = MAX_STEPS):
     import numpy as np
 
     rng = np.random.default_rng(SEED)
-    s = np.arange(1, MAX_STEPS + 1, dtype=np.float64)
+    s = np.arange(1, max_steps + 1, dtype=np.float64)
     audio = 1.85 + 5.15 * np.exp(-s / 2500.0) + 0.45 * np.exp(-s / 40000.0)
     audio = audio * (1 + 0.035 * rng.standard_normal(s.size))
     text = 0.04 + 0.22 * np.exp(-s / 1500.0) + np.abs(0.01 * rng.standard_normal(s.size))
     loss = audio + text  # 7.27 at step 1
     grad = 0.38 + 0.04 * rng.standard_normal(s.size) + 0.06 * np.exp(-s / 5000.0)
     grad = np.clip(grad, 0.22, None)
-    spikes = rng.choice(np.arange(2000, MAX_STEPS), size=7, replace=False)
+    spikes = rng.choice(np.arange(2000, max_steps), size=7, replace=False)
     grad[spikes] *= rng.uniform(6, 25, size=spikes.size)
     loss[spikes + 1] += rng.uniform(0.2, 0.8, size=spikes.size)
     lr = np.where(s <= WARMUP, PEAK_LR * s / WARMUP,
-                  PEAK_LR * 0.5 * (1 + np.cos(math.pi * (s - WARMUP) / (MAX_STEPS - WARMUP))))
-    epoch = s / STEPS_PER_EPOCH
+                  PEAK_LR * 0.5 * (1 + np.cos(math.pi * (s - WARMUP) / (max_steps - WARMUP))))
+    epoch = s / (max_steps / 3.0)
     # HF rounds the logged loss to 4 digits; grad_norm is a float32 .item(); lr and epoch are float64
     loss = np.round(loss, 4)  # audio_loss/text_loss: logged with .item(), full precision
     audio = audio.astype(np.float32).astype(np.float64)
@@ -81,12 +80,12 @@ def _curves():
     return s.astype(np.int64), loss, audio, text, grad, lr, epoch
 
 
-def _eval_points(loss):
+def _eval_points(loss, max_steps: int = MAX_STEPS):
     import numpy as np
 
     rng = np.random.default_rng(SEED + 1)
     out = []
-    for step in range(EVAL_STEPS, MAX_STEPS + 1, EVAL_STEPS):
+    for step in range(EVAL_STEPS, max_steps + 1, EVAL_STEPS):
         ev_loss = float(np.mean(loss[max(0, step - 200):step])) + 0.08 + 0.01 * rng.standard_normal()
         runtime = round(118.0 + 4 * rng.standard_normal(), 4)
         out.append((step, {
@@ -94,7 +93,7 @@ def _eval_points(loss):
             "eval_runtime": runtime,
             "eval_samples_per_second": round(1968 / runtime, 3),
             "eval_steps_per_second": round(123 / runtime, 3),
-            "epoch": step / STEPS_PER_EPOCH,
+            "epoch": step / (max_steps / 3.0),
         }))
     return out
 
@@ -157,48 +156,59 @@ def _scalar_payload(wall: float, step: int, tag: bytes, value: float) -> bytes:
     return b"\x09" + struct.pack("<d", wall) + ((b"\x10" + _varint(step)) if step else b"") + summ
 
 
-def generate(force: bool = False) -> tuple[Path, Path, int]:
-    """Write the reference run (reused when present). Returns (trainer_state, event file, points written)."""
-    state_path = RUN / f"checkpoint-{MAX_STEPS}" / "trainer_state.json"
-    ev_path = RUN / "runs" / RUN_NAME / EVENT_NAME
-    meta_path = DATA / "reference_run.meta.json"
-    if not force and state_path.exists() and ev_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        return state_path, ev_path, int(meta["points"])
-    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
-
-    from higgs_diag.run.events import frame_records
-
-    t = time.perf_counter()
-    if RUN.exists():
-        shutil.rmtree(RUN)
-    state_path.parent.mkdir(parents=True)
-    ev_path.parent.mkdir(parents=True)
-    steps, loss, audio, text, grad, lr, epoch = _curves()
-    evals = dict(_eval_points(loss))
-
-    # -- trainer_state.json, as HF writes it (json.dumps(indent=2, sort_keys=True))
-    history = []
-    cols = [c.tolist() for c in (steps, loss, audio, text, grad, lr, epoch)]
-    for st, lo, au, te, gn, l_r, ep in zip(*cols):
-        history.append({"loss": lo, "audio_loss": au, "text_loss": te, "grad_norm": gn, "learning_rate": l_r,
-                        "epoch": ep, "step": st})
-        if st in evals:
-            history.append({**evals[st], "step": st})
+def _state_head_tail(max_steps: int, last_epoch: float) -> tuple[str, str]:
+    """trainer_state.json as HF writes it (json.dumps(indent=2, sort_keys=True)), cut where log_history's
+    entries go."""
     state = {
-        "best_metric": None, "best_model_checkpoint": None, "epoch": float(epoch[-1]), "eval_steps": EVAL_STEPS,
-        "global_step": MAX_STEPS, "is_hyper_param_search": False, "is_local_process_zero": True,
-        "is_world_process_zero": True, "log_history": history, "logging_steps": 1, "max_steps": MAX_STEPS,
+        "best_metric": None, "best_model_checkpoint": None, "epoch": last_epoch, "eval_steps": EVAL_STEPS,
+        "global_step": max_steps, "is_hyper_param_search": False, "is_local_process_zero": True,
+        "is_world_process_zero": True, "log_history": [], "logging_steps": 1, "max_steps": max_steps,
         "num_input_tokens_seen": 0, "num_train_epochs": 3, "save_steps": SAVE_STEPS,
         "stateful_callbacks": {"TrainerControl": {"args": {
             "should_epoch_stop": False, "should_evaluate": False, "should_log": False,
             "should_save": True, "should_training_stop": True}, "attributes": {}}},
         "total_flos": 4.913482911795e+19, "train_batch_size": 2, "trial_name": None, "trial_params": None,
     }
-    state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    t_state = time.perf_counter() - t
+    text = json.dumps(state, indent=2, sort_keys=True) + "\n"
+    head, tail = text.split('"log_history": [],\n')
+    return head + '"log_history": [\n', "\n  ],\n" + tail
 
-    # -- the event file, as torch's SummaryWriter writes it for HF's TensorBoardCallback
+
+# one log_history entry, formatted as json.dumps(indent=2, sort_keys=True) nests it (floats are finite: repr
+# is json's float text)
+_TRAIN_ENTRY = ('    {\n      "audio_loss": %r,\n      "epoch": %r,\n      "grad_norm": %r,\n      "learning_rate": %r,'
+                '\n      "loss": %r,\n      "step": %d,\n      "text_loss": %r\n    }')
+_EVAL_ENTRY = ('    {\n      "epoch": %r,\n      "eval_loss": %r,\n      "eval_runtime": %r,\n'
+               '      "eval_samples_per_second": %r,\n      "eval_steps_per_second": %r,\n      "step": %d\n    }')
+
+
+def _write_state(path: Path, cols, evals: dict, block: int) -> int:
+    """Stream trainer_state.json (byte-identical to json.dumps of the whole state); the points written."""
+    steps, loss, audio, text, grad, lr, epoch = cols
+    head, tail = _state_head_tail(len(steps), float(epoch[-1]))
+    points = 0
+    with open(path, "w") as f:
+        f.write(head)
+        for b0 in range(0, len(steps), block):
+            sl = slice(b0, b0 + block)
+            out = []
+            for st, lo, au, te, gn, l_r, ep in zip(*(c[sl].tolist() for c in cols)):
+                out.append(_TRAIN_ENTRY % (au, ep, gn, l_r, lo, st, te))
+                ev = evals.get(st)
+                if ev is not None:
+                    out.append(_EVAL_ENTRY % (ev["epoch"], ev["eval_loss"], ev["eval_runtime"],
+                                              ev["eval_samples_per_second"], ev["eval_steps_per_second"], st))
+            n_steps = len(steps[sl])
+            points += 6 * n_steps + 5 * (len(out) - n_steps)  # 6 scalars per training entry, 5 per evaluation
+            f.write((",\n" if b0 else "") + ",\n".join(out))
+        f.write(tail)
+    return points
+
+
+def _header_payloads() -> list[bytes]:
+    """file_version and the args/model_config text summaries, as torch's SummaryWriter writes them."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+
     payloads = []
     fv = event_pb2.Event(wall_time=T0 + 0.41, file_version="brain.Event:2")
     fv.source_metadata.writer = "tensorboard.summary.writer.event_file_writer"
@@ -211,35 +221,162 @@ def generate(force: bool = False) -> tuple[Path, Path, int]:
                 dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])))
         payloads.append(event_pb2.Event(wall_time=T0 + 2.0 + i * 1e-3, summary=summary_pb2.Summary(value=[v]))
                         .SerializeToString())
-    tagb = {k: f"train/{k}".encode() for k in TRAIN_TAGS}
-    evtags = [(k, ("eval/" + k[5:]).encode()) for k in EVAL_KEYS] + [("epoch", b"train/epoch")]
-    wall = T0 + 95.0
-    points = 0
-    values = dict(zip(TRAIN_TAGS, (loss, audio, text, grad, lr, epoch)))
-    vals = {k: v.tolist() for k, v in values.items()}
-    for i, st in enumerate(steps.tolist()):
-        wall += 0.87 + 0.01 * ((i * 7919) % 13)
-        for k in TRAIN_TAGS:
-            wall += 2.1e-5
-            payloads.append(_scalar_payload(wall, st, tagb[k], vals[k][i]))
-        points += len(TRAIN_TAGS)
-        if st in evals:
-            wall += evals[st]["eval_runtime"]
-            for k, tb in evtags:
-                wall += 1.7e-5
-                payloads.append(_scalar_payload(wall, st, tb, evals[st][k]))
-            points += len(evtags)
-    # self-check of the hand encoder against protobuf
-    for pl in payloads[3:3000:97] + payloads[-50:]:
-        assert event_pb2.Event.FromString(pl).SerializeToString() == pl
-    data = frame_records(payloads)
-    ev_path.write_bytes(data)
-    meta_path.write_text(json.dumps({"points": points, "records": len(payloads), "event_bytes": len(data),
-                                     "state_bytes": state_path.stat().st_size}))
-    print(f"generated {RUN} in {time.perf_counter() - t:.1f} s (trainer_state {t_state:.1f} s): "
-          f"{state_path.stat().st_size / 1e6:.1f} MB trainer_state.json, {len(data) / 1e6:.1f} MB event file, "
-          f"{len(payloads):,} records, {points:,} scalar points", file=sys.stderr)
-    return state_path, ev_path, points
+    return payloads
+
+
+_EVENT_TAGS = [f"train/{k}".encode() for k in TRAIN_TAGS] + [("eval/" + k[5:]).encode() for k in EVAL_KEYS] + [b"train/epoch"]
+
+
+def _scalar_records(wall, step, tag, value) -> bytes:
+    """The framed TFRecord records of scalar events (arrays in file order), vectorised: records of one tag
+    and one step-varint width have one layout, built as rows of one 2-D byte array (what
+    _scalar_payload + frame_records give, checked on samples)."""
+    import numpy as np
+
+    from higgs_diag.run.events import crc32c_segments, masked_crc32c
+    from higgs_diag.run.crc32c import mask
+
+    assert (step >= 1).all() and (step < 1 << 35).all()
+    vw = 1 + sum((step >= (1 << (7 * k))).astype(np.int64) for k in range(1, 5))
+    tlen = np.array([len(t) for t in _EVENT_TAGS])
+    plen = 9 + 1 + vw + tlen[tag] + 11
+    offs = np.cumsum(16 + plen) - (16 + plen)
+    out = np.zeros(int((16 + plen).sum()), dtype=np.uint8)
+    key = tag * 8 + vw
+    for kv in np.unique(key).tolist():
+        sel = np.flatnonzero(key == kv)
+        t, w = divmod(kv, 8)
+        tb = _EVENT_TAGS[t]
+        tl = len(tb)
+        pl = 9 + 1 + w + tl + 11
+        m = sel.size
+        rec = np.zeros((m, 16 + pl), dtype=np.uint8)
+        rec[:, 0:8] = np.frombuffer(struct.pack("<Q", pl), dtype=np.uint8)
+        rec[:, 8:12] = np.frombuffer(struct.pack("<I", masked_crc32c(struct.pack("<Q", pl))), dtype=np.uint8)
+        rec[:, 12] = 0x09
+        rec[:, 13:21] = np.ascontiguousarray(wall[sel], dtype="<f8").view(np.uint8).reshape(m, 8)
+        rec[:, 21] = 0x10
+        st = step[sel]
+        for k in range(w):
+            rec[:, 22 + k] = ((st >> (7 * k)) & 0x7F) | (0x80 if k < w - 1 else 0)
+        p = 22 + w
+        rec[:, p:p + 6] = np.frombuffer(bytes([0x2A, tl + 9, 0x0A, tl + 7, 0x0A, tl]), dtype=np.uint8)
+        rec[:, p + 6:p + 6 + tl] = np.frombuffer(tb, dtype=np.uint8)
+        rec[:, p + 6 + tl] = 0x15
+        rec[:, p + 7 + tl:p + 11 + tl] = np.ascontiguousarray(value[sel], dtype="<f4").view(np.uint8).reshape(m, 4)
+        assert p + 11 + tl == 12 + pl
+        crc = mask(crc32c_segments(rec[:, 12:12 + pl].tobytes(), np.arange(m) * pl, np.full(m, pl)))
+        rec[:, 12 + pl:] = crc.astype("<u4").view(np.uint8).reshape(m, 4)
+        dst = np.ndarray(shape=(out.size - (16 + pl) + 1,), dtype=f"V{16 + pl}", buffer=out, strides=(1,))
+        dst[offs[sel]] = rec.view(f"V{16 + pl}").reshape(-1)
+    return out.tobytes()
+
+
+def _write_events(path: Path, cols, evals: dict, block: int) -> tuple[int, int]:
+    """Stream the event file (what torch's SummaryWriter writes for HF's TensorBoardCallback: wall_time,
+    step and one simple_value per event); (points, records) written."""
+    import numpy as np
+
+    from tensorboard.compat.proto import event_pb2
+
+    from higgs_diag.run.events import frame_records
+
+    steps = cols[0]
+    vals = dict(zip(TRAIN_TAGS, cols[1:]))
+    ev_steps = np.array(sorted(evals), dtype=np.int64)
+    ev_vals = np.array([[evals[s][k] for k in EVAL_KEYS + ("epoch",)] for s in ev_steps.tolist()]).reshape(-1, 5)
+    ev_run = np.array([evals[s]["eval_runtime"] for s in ev_steps.tolist()])
+    wall0 = T0 + 95.0
+    points = records = 0
+    rng = np.random.default_rng(7)
+    with open(path, "wb") as f:
+        head = _header_payloads()
+        f.write(frame_records(head))
+        records += len(head)
+        for b0 in range(0, len(steps), block):
+            st = steps[b0:b0 + block]
+            n = st.size
+            e_at = np.searchsorted(ev_steps, st)
+            is_ev = (e_at < ev_steps.size) & (ev_steps[np.minimum(e_at, ev_steps.size - 1)] == st)
+            cnt = 7 + 6 * is_ev  # increments per step: the step's own, 6 train events, [the eval's own, 5 events]
+            first = np.cumsum(cnt) - cnt
+            inc = np.full(int(cnt.sum()), 2.1e-5)
+            i = np.arange(b0, b0 + n, dtype=np.int64)
+            inc[first] = 0.87 + 0.01 * ((i * 7919) % 13)
+            emit = np.ones(inc.size, dtype=bool)
+            emit[first] = False
+            fe = first[is_ev]
+            inc[fe + 7] = ev_run[e_at[is_ev]]
+            emit[fe + 7] = False
+            for k in range(8, 13):
+                inc[fe + k] = 1.7e-5
+            wall = np.cumsum(np.r_[wall0, inc])[1:]  # sequential sums, as the old per-event loop added them
+            wall0 = float(wall[-1])
+            wall = wall[emit]
+            rstep = np.repeat(st, cnt - 1 - is_ev)
+            tag = np.zeros(wall.size, dtype=np.int64)
+            val = np.zeros(wall.size, dtype=np.float64)
+            pos = np.cumsum(cnt - 1 - is_ev) - (cnt - 1 - is_ev)  # first emitted record of each step
+            for k, name in enumerate(TRAIN_TAGS):
+                tag[pos + k] = k
+                val[pos + k] = vals[name][b0:b0 + n]
+            pe = pos[is_ev] + 6
+            for k in range(5):
+                tag[pe + k] = 6 + k
+                val[pe + k] = ev_vals[e_at[is_ev], k]
+            data = _scalar_records(wall, rstep, tag, val)
+            # self-check on samples: the hand encoder against protobuf and the per-record encoder
+            for r in rng.choice(wall.size, size=min(40, wall.size), replace=False).tolist() + [wall.size - 1]:
+                pl = _scalar_payload(float(wall[r]), int(rstep[r]), _EVENT_TAGS[tag[r]], float(val[r]))
+                assert event_pb2.Event.FromString(pl).SerializeToString() == pl
+                if r == wall.size - 1:
+                    assert data.endswith(frame_records([pl]))
+            f.write(data)
+            points += wall.size
+            records += wall.size
+    return points, records
+
+
+def generate_run(root: Path, max_steps: int, *, state: bool = True, events: bool = True, force: bool = False,
+                 block: int = 50_000) -> dict:
+    """Write the reference run at ``max_steps`` steps into ``root`` (reused when present): its trainer_state.json
+    and/or its event file, streamed block by block. Returns the meta (paths, points written, sizes)."""
+    meta_path = root.parent / (root.name + ".meta.json")
+    if not force and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("steps") == max_steps and all(Path(meta[k]).exists() for k in ("state_path", "event_path") if meta.get(k)):
+            return meta
+    t = time.perf_counter()
+    if root.exists():
+        shutil.rmtree(root)
+    meta_path.unlink(missing_ok=True)
+    cols = _curves(max_steps)
+    evals = dict(_eval_points(cols[1], max_steps))
+    meta = {"steps": max_steps, "state_path": None, "event_path": None, "state_points": 0, "points": 0,
+            "records": 0, "event_bytes": 0, "state_bytes": 0}
+    if state:
+        state_path = root / f"checkpoint-{max_steps}" / "trainer_state.json"
+        state_path.parent.mkdir(parents=True)
+        meta["state_points"] = _write_state(state_path, cols, evals, block)
+        meta.update(state_path=str(state_path), state_bytes=state_path.stat().st_size)
+    t_state = time.perf_counter() - t
+    if events:
+        ev_path = root / "runs" / RUN_NAME / EVENT_NAME
+        ev_path.parent.mkdir(parents=True)
+        meta["points"], meta["records"] = _write_events(ev_path, cols, evals, block)
+        meta.update(event_path=str(ev_path), event_bytes=ev_path.stat().st_size)
+    meta_path.write_text(json.dumps(meta))
+    print(f"generated {root} in {time.perf_counter() - t:.1f} s (trainer_state {t_state:.1f} s): "
+          f"{meta['state_bytes'] / 1e6:.1f} MB trainer_state.json, {meta['event_bytes'] / 1e6:.1f} MB event file, "
+          f"{meta['records']:,} records, {meta['points']:,} scalar points in the event file, "
+          f"{meta['state_points']:,} in the state file", file=sys.stderr)
+    return meta
+
+
+def generate(force: bool = False) -> tuple[Path, Path, int]:
+    """Write the reference run (reused when present). Returns (trainer_state, event file, points written)."""
+    meta = generate_run(RUN, MAX_STEPS, force=force)
+    return Path(meta["state_path"]), Path(meta["event_path"]), int(meta["points"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,7 +466,9 @@ def main() -> int:
     # generate in a child, so that this process stays small (a forked child starts with its parent's RSS)
     gen = [sys.executable, str(Path(__file__).resolve()), "--generate-only"] + (["--regenerate"] if opts.regenerate else [])
     subprocess.run(gen, check=True)
-    state_path, ev_path, written = generate(False)
+    meta = generate_run(RUN, MAX_STEPS)  # written by the child: only its meta is read here
+    state_path, ev_path, written = Path(meta["state_path"]), Path(meta["event_path"]), int(meta["points"])
+    written_all = written + int(meta["state_points"])
     py = sys.executable
     cli = Path(py).parent / "higgs-diag"
     only = set(opts.only.split(","))
@@ -382,7 +521,41 @@ def main() -> int:
         wall: the whole child process (interpreter start, imports, reading); in-proc: the library call alone.
         /(b), /(a): wall time relative to `higgs-diag analyze` and to read_event_file (higher = slower).
         written: scalar events in the event file; analyze's points read count trainer_state.json's too."""))
+    _targets(rows, written, written_all)
     return 0
+
+
+def _targets(rows, written: int, written_all: int) -> None:
+    """The targets of issue #11 (one run), in benchmarks/_targets.py's format."""
+    sys.path.insert(0, str(HERE))
+    from _targets import target
+
+    by = {r[0][:3]: r for r in rows}
+    b, c, a = by.get("(b)"), by.get("(c)"), by.get("(a)")
+    ok_b = b is not None and b[1]["rc"] in (0, 1)
+    if ok_b:
+        wall, rss = b[1]["wall"], b[1]["rss_mb"]
+        target("one run: analyze wall time", f"{wall:.2f} s", "<= 1.0 s", wall <= 1.0)
+        target("one run: analyze peak RSS", f"{rss:.0f} MB", "<= 300 MB", rss <= 300)
+        if c is not None and not c[1]["rc"]:
+            ratio = c[1]["wall"] / wall
+            target("one run: analyze vs tbparse (wall)", f"{ratio:.1f}x", ">= 15x faster", ratio >= 15,
+                   f"tbparse {c[1]['wall']:.1f} s on the event file alone")
+        else:
+            target("one run: analyze vs tbparse (wall)", "-", ">= 15x faster", None, "tbparse not run (--only)")
+        pts = b[2]
+        target("one run: every point read by analyze", f"{pts:,}" if isinstance(pts, int) else "?",
+               f"== {written_all:,} written", pts == written_all,
+               f"{written:,} in the event file + {written_all - written:,} in trainer_state.json")
+    else:
+        why = "analyze not run (--only)" if b is None else f"analyze exit code {b[1]['rc']}"
+        for name, goal in (("one run: analyze wall time", "<= 1.0 s"), ("one run: analyze peak RSS", "<= 300 MB"),
+                           ("one run: analyze vs tbparse (wall)", ">= 15x faster"),
+                           ("one run: every point read by analyze", f"== {written_all:,} written")):
+            target(name, "-", goal, None, why)
+    if a is not None:
+        target("one run: event reader reads every point", f"{a[2]:,}" if isinstance(a[2], int) else "?",
+               f"== {written:,} written", a[2] == written and not a[1]["rc"])
 
 
 if __name__ == "__main__":

@@ -107,8 +107,11 @@ def read_event_file(path, chunk: int | None = None) -> EventFileResult:
         cols = reader.columns()
         if cols is not None:
             step, tid, val, wall, names = cols
-            tag = pd.Categorical.from_codes(np.asarray(tid, dtype=np.int32), categories=pd.Index(names, dtype=object))
-            res.scalars = pd.DataFrame({"step": step, "tag": tag, "value": val, "wall_time": wall})
+            del cols
+            tag = pd.Categorical.from_codes(tid, categories=pd.Index(names, dtype=object))  # int8 codes for < 128 tags
+            del tid
+            # copy=False: the frame holds these arrays (one block each), not a consolidated copy of them
+            res.scalars = pd.DataFrame({"step": step, "tag": tag, "value": val, "wall_time": wall}, copy=False)
     except Exception as e:  # noqa: BLE001 - as above
         res.problems.append(ReadProblem(name, f"could not be decoded ({type(e).__name__}: {e})", kind="unreadable",
                                         fatal=True))
@@ -135,7 +138,7 @@ class _ChunkReader:
         self.res, self.chunk = res, chunk
         self.tags = Tags()
         self.texts: dict[str, str] = {}
-        self.parts: list[tuple] = []
+        self.cols = _Columns()  # step, tag id, value, wall_time of every point so far
         self.base = 0  # file offset of the carried bytes (the start of the next chunk's buffer)
         self.n_records = 0  # records framed so far (for the problems' counts)
         self.n_good = 0
@@ -203,17 +206,52 @@ class _ChunkReader:
         self.n_good += int(good.sum())
         cols = _assemble(R, (f_rec, f_step, f_tag, f_val, f_wall), points, tags)
         if cols is not None:
-            self.parts.append(cols[:4])
+            self.cols.append(cols[:4])
 
     def columns(self):
         """(step, tag_id, value, wall_time, tag names) of the whole file, or None without points."""
-        if not self.parts:
+        if not self.cols.n:
             return None
         names = np.empty(len(self.tags.names), dtype=object)
         names[:] = self.tags.names
-        if len(self.parts) == 1:
-            return (*self.parts[0], names)
-        return (*(np.concatenate([p[k] for p in self.parts]) for k in range(4)), names)
+        return (*self.cols.take(), names)
+
+
+class _Columns:
+    """The points' columns (step int64, tag id int32, value float64, wall_time float64: 28 bytes a point),
+    appended chunk by chunk into arrays that grow by half when full, one column at a time.
+
+    Why not a list of per-chunk arrays joined at the end: the join needs a second copy of every point, and
+    the chunks' small arrays, freed afterwards, stay in the heap (RSS) among other allocations. Here a large
+    column lives in its own anonymous mapping (numpy's big allocations): its capacity beyond the points is
+    never touched (not resident), and growing it copies one column while the old one is unmapped. The peak is
+    the points' 28 bytes plus one column in growth, whatever the file's size."""
+
+    DTYPES = (np.int64, np.int32, np.float64, np.float64)
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.arrays = [np.empty(0, dtype=d) for d in self.DTYPES]
+
+    def append(self, cols) -> None:
+        m = len(cols[0])
+        need = self.n + m
+        for k, a in enumerate(cols):
+            buf = self.arrays[k]
+            if need > buf.size:
+                new = np.empty(max(need, buf.size + buf.size // 2, 1 << 16), dtype=buf.dtype)
+                new[:self.n] = buf[:self.n]
+                self.arrays[k] = buf = new
+                del new
+            buf[self.n:need] = a
+        self.n = need
+
+    def take(self) -> list[np.ndarray]:
+        """The columns (views of the first n elements); this object forgets them."""
+        out = [a[:self.n] for a in self.arrays]
+        self.arrays = [np.empty(0, dtype=d) for d in self.DTYPES]
+        self.n = 0
+        return out
 
 
 def _bounded_texts(texts: dict[str, str], res: EventFileResult) -> dict[str, str]:
@@ -396,7 +434,7 @@ def _assemble(R: int, fast: tuple, points: list, tags: Tags):
         return None
     pos = np.cumsum(cnt) - cnt
     step = np.empty(total, dtype=np.int64)
-    tid = np.empty(total, dtype=np.int64)
+    tid = np.empty(total, dtype=np.int32)
     val = np.empty(total, dtype=np.float64)
     wall = np.empty(total, dtype=np.float64)
     at = pos[f_rec]
