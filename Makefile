@@ -39,10 +39,12 @@ fuzz: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m higgs_diag.checks.docgen > docs/checks.md
 
+# Every benchmark in turn (benchmarks/run_all.py), then one table of their targets and the total time; exits
+# nonzero only when a benchmark crashes (a missed target is reported, not an error). BENCH_ARGS=--quick skips the
+# largest growth size; BENCH_ARGS=--only=bench_triage,bench_replay runs a subset. See docs/performance.md.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/bench_analyze.py
-	$(PY) benchmarks/bench_batch_validation.py
-	$(PY) benchmarks/bench_replay.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -21,7 +21,22 @@ Each measurement runs in a fresh process (wall times from time.perf_counter, RSS
 
 The first batch (pair) of every process is a warm-up and is left out of the medians.
 
-Usage: python benchmarks/bench_replay.py [--regenerate] [--threads 2]
+Throughput and memory of the command itself, each a fresh `higgs-diag replay-batch CKPT BATCH... --format json
+--device cpu` process (batches/s = batches / the report's `seconds.batches`, the batch phase after loading; wall =
+the whole process; peak RSS = the largest process, from os.wait4):
+  tiny      the fixture model (fixtures/replay/healthy/checkpoint-200, 33,504 parameters) over 50 batches (its two
+            dumps copied 25 times into benchmarks/_data/replay/tiny-batches/), 1 thread
+  344M      the model above over 1, 6 and 12 batches (batches-12/: the 6 files hard-linked twice): peak memory
+            must not grow with the number of batches
+  torchrun  12 batches of the 344M model: `torchrun --standalone --nproc_per_node 2 -m higgs_diag.cli
+            replay-batch ...` (the files split across the ranks, gathered, one report) with 1 thread per process,
+            against 1 process with 2 threads (the same 2 cores), and 1 process with 1 thread (for scale)
+No GPU on the development machine: `--device cuda` (and torchrun's `cuda:LOCAL_RANK`) is not measured here.
+
+Targets (benchmarks/_targets.py): overhead of the checks over a bare forward < 10 %; peak RSS with 12 batches
+<= 1.05 x with 1 batch; torchrun 2 processes >= 1.5 x the batches/s of 1 process.
+
+Usage: python benchmarks/bench_replay.py [--regenerate] [--threads 2] [--only overhead,throughput,torchrun]
 """
 from __future__ import annotations
 
@@ -36,14 +51,21 @@ import sys
 import time
 from pathlib import Path
 
-from higgs_diag.config import ReplayOptions
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DATA = HERE / "_data" / "replay"
 CKPT = DATA / "checkpoint-1000"
 BATCHES = DATA / "batches"
+BATCHES_12 = DATA / "batches-12"
+TINY = REPO / "fixtures" / "replay" / "healthy"  # only read
+TINY_CKPT = TINY / "checkpoint-200"
+TINY_BATCHES = DATA / "tiny-batches"
+TINY_COPIES = 25
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from _targets import target  # noqa: E402
+from higgs_diag.config import ReplayOptions  # noqa: E402
 
 N_BATCHES, SAMPLES, PROMPT, FRAMES = 6, 2, 200, 300
 ROUNDS = 2  # paired measurement: every batch twice, bare and replay alternating
@@ -219,11 +241,120 @@ def run_child(mode: str, threads: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def prepare_copies() -> None:
+    """The tiny model's batches x TINY_COPIES (copies: fixtures/ is only read) and the 6 big batches twice."""
+    if not TINY_BATCHES.is_dir() or len(list(TINY_BATCHES.iterdir())) != 2 * TINY_COPIES:
+        shutil.rmtree(TINY_BATCHES, ignore_errors=True)
+        TINY_BATCHES.mkdir(parents=True)
+        for f in sorted((TINY / "higgs-diag" / "batches").glob("*.pt")):
+            for i in range(TINY_COPIES):
+                shutil.copyfile(f, TINY_BATCHES / f"{f.stem}-copy{i:02d}.pt")
+    if not BATCHES_12.is_dir() or len(list(BATCHES_12.iterdir())) != 2 * N_BATCHES:
+        shutil.rmtree(BATCHES_12, ignore_errors=True)
+        BATCHES_12.mkdir(parents=True)
+        for f in sorted(BATCHES.iterdir()):
+            for i in range(2):
+                os.link(f, BATCHES_12 / f"{f.stem}-{i}.pt")
+
+
+def run_cli(ckpt: Path, batches: list[Path], threads: int, nproc: int = 1) -> dict:
+    """One `higgs-diag replay-batch` process (under torchrun with ``nproc`` > 1): its report's replay numbers,
+    wall seconds and the peak RSS of its largest process."""
+    import tempfile
+
+    args = ["replay-batch", str(ckpt), *map(str, batches), "--format", "json", "--fail-on", "never",
+            "--device", "cpu"]
+    if nproc > 1:
+        argv = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc),
+                "-m", "higgs_diag.cli", *args]
+    else:
+        argv = [str(Path(sys.executable).with_name("higgs-diag")), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        t = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=str(REPO), env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed ({rc}):\n{err[-3000:]}")
+    rep = json.loads(out)["summary"]["replay"]
+    n, sec = rep["n_batches"], rep["seconds"]
+    return {"n": n, "world": rep["world_size"], "batches_s": sec["batches"], "load_s": sec.get("load", 0.0),
+            "wall": wall, "rss_mb": ru.ru_maxrss / 1024, "per_s": n / sec["batches"], "model": rep["model"]}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _row(label: str, m: dict) -> None:
+    print(f"  {label:44} {m['n']:>4} {m['per_s']:9.2f} {m['batches_s']:9.2f} {m['load_s']:7.2f} {m['wall']:8.2f} "
+          f"{m['rss_mb']:9.0f}", flush=True)
+
+
+def throughput(threads: int) -> None:
+    prepare_copies()
+    import torch
+
+    print(f"\nthroughput, fresh `higgs-diag replay-batch ... --format json --device cpu` processes "
+          f"(cores available {len(os.sched_getaffinity(0))}; GPU: "
+          f"{'yes' if torch.cuda.is_available() else 'none here, --device cuda not measured'})")
+    print(f"  {'':44} {'n':>4} {'batch/s':>9} {'batches s':>9} {'load s':>7} {'wall s':>8} {'peak MB':>9}")
+    from safetensors import safe_open
+
+    with safe_open(str(TINY_CKPT / "model.safetensors"), framework="pt") as f:
+        n_tiny = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    tiny = run_cli(TINY_CKPT, [TINY_BATCHES], 1)
+    _row(f"tiny fixture model ({n_tiny:,} params), 1 thread", tiny)
+    mem = {k: run_cli(CKPT, files, threads) for k, files in
+           ((1, [sorted(BATCHES.iterdir())[0]]), (6, [BATCHES]), (12, [BATCHES_12]))}
+    for k, m in mem.items():
+        _row(f"344M model, {k} batch{'es' if k > 1 else ''}, {threads} threads", m)
+    grow = mem[12]["rss_mb"] / mem[1]["rss_mb"]
+    target("replay: peak RSS, 12 batches vs 1 (344M model)", f"{grow:.3f}x", "<= 1.05x", grow <= 1.05,
+           note=f"{mem[1]['rss_mb']:.0f} / {mem[6]['rss_mb']:.0f} / {mem[12]['rss_mb']:.0f} MB for 1 / 6 / 12")
+
+
+def torchrun_split(rounds: int) -> None:
+    prepare_copies()
+    print(f"\ntorchrun split, 12 batches of the 344M model ({rounds} round(s), the three ways alternating)")
+    print(f"  {'':44} {'n':>4} {'batch/s':>9} {'batches s':>9} {'load s':>7} {'wall s':>8} {'peak MB':>9}")
+    ways = (("2 processes (torchrun) x 1 thread", 1, 2), ("1 process x 2 threads", 2, 1), ("1 process x 1 thread", 1, 1))
+    got: dict = {w[0]: [] for w in ways}
+    for r in range(rounds):
+        for label, threads, nproc in (ways if r % 2 == 0 else ways[::-1]):
+            got[label].append(run_cli(CKPT, [BATCHES_12], threads, nproc))
+            _row(label, got[label][-1])
+    med = lambda ms, k: statistics.median(m[k] for m in ms)  # noqa: E731
+    two, one2, one1 = (got[w[0]] for w in ways)
+    ratio = med(two, "per_s") / med(one2, "per_s")
+    wall_ratio = med(one2, "wall") / med(two, "wall")
+    a_, b_ = two[0], one2[0]  # the same numbers from the split run (gathered over the ranks) and one process
+    same = a_["n"] == b_["n"] == 2 * N_BATCHES and a_["world"] == 2 and a_["model"]["n_audio_per_cb"] == \
+        b_["model"]["n_audio_per_cb"] and all(abs(x - y) <= 1e-5 * abs(y) for x, y in
+                                              zip(a_["model"]["audio_ce_per_cb"], b_["model"]["audio_ce_per_cb"]))
+    print(f"  batches/s ratio: 2 processes x 1 thread / 1 process x 2 threads {ratio:.2f}x; "
+          f"/ 1 process x 1 thread {med(two, 'per_s') / med(one1, 'per_s'):.2f}x; 1 process: 2 threads / 1 thread "
+          f"{med(one2, 'per_s') / med(one1, 'per_s'):.2f}x; whole process (load, imports, torchrun start) "
+          f"{wall_ratio:.2f}x; same batches counted: {same}")
+    target("replay: torchrun 2 procs vs 1 proc, batches/s (344M)", f"{ratio:.2f}x", ">= 1.5x (1 vs 2 threads each)",
+           ratio >= 1.5 and same, note=f"whole process {wall_ratio:.2f}x")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regenerate", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", choices=["paired", "bare", "replay"])
+    ap.add_argument("--only", default="overhead,throughput,torchrun", help="which parts to run")
+    ap.add_argument("--rounds", type=int, default=1, help="torchrun comparison rounds (default 1)")
     a = ap.parse_args(argv)
     if a.child:
         import torch
@@ -235,11 +366,22 @@ def main(argv=None) -> int:
         print("generating benchmarks/_data/replay ...", file=sys.stderr)
         generate()
     params = int((DATA / "params.txt").read_text())
-    paired, bare, rep = (run_child(m, a.threads) for m in ("paired", "bare", "replay"))
+    only = set(a.only.split(","))
+    if "overhead" in only:
+        overhead(a.threads, params)
+    if "throughput" in only:
+        throughput(a.threads)
+    if "torchrun" in only:
+        torchrun_split(a.rounds)
+    return 0
+
+
+def overhead(threads: int, params: int) -> None:
+    paired, bare, rep = (run_child(m, threads) for m in ("paired", "bare", "replay"))
     med = lambda xs: statistics.median(xs[1:]) if len(xs) > 1 else xs[0]  # noqa: E731
     print(f"model: {params / 1e6:.0f} M parameters, {sum(f.stat().st_size for f in CKPT.iterdir()) / 2**20:.0f} MB "
           f"on disk; {N_BATCHES} batches of {SAMPLES} samples ({PROMPT} prompt tokens, {FRAMES} frames x "
-          f"{CODEBOOKS} codebooks); {a.threads} threads")
+          f"{CODEBOOKS} codebooks); {threads} threads")
     pb, pr, pc = paired["bare_s"][1:], paired["replay_s"][1:], paired["check_s"][1:]
     ratios = sorted(r / b for r, b in zip(pr, pb))
     print(f"paired, {len(pb)} batch pairs: bare (read + forward) median {statistics.median(pb):.3f} s, replay (read + "
@@ -256,7 +398,9 @@ def main(argv=None) -> int:
           f"{bare['batch_phase_peak_mb']:.0f} MB (all {N_BATCHES} batches held); replay: RSS after batch 1 "
           f"{rep['rss_after_first_batch_mb']:.0f} MB, peak over batches 2-{N_BATCHES} {rep['batch_phase_peak_mb']:.0f} MB")
     print(f"findings on the random model: {rep['findings']}")
-    return 0
+    over = 100 * (statistics.median(ratios) - 1)
+    target("replay: overhead vs bare forward (344M, paired)", f"{over:+.1f}%", "< 10%", over < 10,
+           note=f"pairs {100 * (ratios[0] - 1):+.1f}%..{100 * (ratios[-1] - 1):+.1f}%")
 
 
 if __name__ == "__main__":

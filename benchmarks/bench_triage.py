@@ -65,10 +65,14 @@ def cores() -> int:
 # The sweep
 # ------------------------------------------------------------------------------------------------
 def generate_scaled(divisor: int, dest: Path) -> Path:
-    """bench_analyze's reference run at 1/divisor of its length, written by bench_analyze.generate itself
-    (its module constants pointed at ``dest`` and the shorter length for the call, then restored)."""
+    """bench_analyze's reference run at 1/divisor of its length, written by bench_analyze's own generator into
+    ``dest``/run (reused when present)."""
     import bench_analyze as ba
 
+    if hasattr(ba, "generate_run"):  # the generator at any length
+        ba.generate_run(dest / "run", ba.MAX_STEPS // divisor)
+        return dest / "run"
+    # an older bench_analyze: generate() reads its module constants; point them here for the call
     names = ("MAX_STEPS", "STEPS_PER_EPOCH", "DATA", "RUN")
     saved = {k: getattr(ba, k) for k in names}
     steps = saved["MAX_STEPS"] // divisor
@@ -136,12 +140,16 @@ def _run(argv: list[str], env: dict | None = None) -> dict:
 
 
 def _reports(stdout: str) -> dict:
-    """JSON lines -> {run folder name: the report line as printed}."""
-    out = {}
-    for line in stdout.splitlines():
-        if line.strip():
-            out[Path(json.loads(line)["target"]).name] = line
-    return out
+    """The JSON documents printed one after the other (JSON lines, or the one-run command's indented report)
+    -> {run folder name: report}."""
+    dec, out, i = json.JSONDecoder(), {}, 0
+    while True:
+        while i < len(stdout) and stdout[i].isspace():
+            i += 1
+        if i >= len(stdout):
+            return out
+        doc, i = dec.raw_decode(stdout, i)
+        out[Path(doc["target"]).name] = doc
 
 
 def main(argv=None) -> int:
@@ -183,13 +191,12 @@ def main(argv=None) -> int:
     base = _reports(ser[0]["stdout"])
     same = all(_reports(m["stdout"]) == base for m in par + ser)
     loop_same = None
-    if loop is not None:
-        loop_same = _reports(loop["stdout"]) == base
-    verdicts = {}
-    for line in base.values():
-        d = json.loads(line)
+    if loop is not None:  # one process per run: the damaged run prints its error on stderr (exit 2), no report
+        loop_same = _reports(loop["stdout"]) == {k: v for k, v in base.items() if k != "zz-damaged"}
+    verdicts: dict = {}
+    for d in base.values():
         verdicts[d.get("verdict", "error")] = verdicts.get(d.get("verdict", "error"), 0) + 1
-    damaged = json.loads(base.get("zz-damaged", "{}"))
+    damaged = base.get("zz-damaged", {})
     print(f"reports: {len(base)} of {len(runs)} runs ({', '.join(f'{v} {k}' for k, v in sorted(verdicts.items()))}); "
           f"the damaged run: {damaged.get('error_kind')}: {str(damaged.get('error'))[:120]}")
     print(f"exit codes: --jobs {jobs} {[m['rc'] for m in par]}, --jobs 1 {[m['rc'] for m in ser]}"
