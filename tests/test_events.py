@@ -281,6 +281,35 @@ def test_hf_style_run_many_points(tmp_path):
     assert res["n_records"] == len(events) + 1
 
 
+def test_many_chunks_grow_the_columns_and_keep_every_point(tmp_path):
+    """150,000 points read in 64 KiB chunks (about 125 of them: the kept columns grow past their first
+    65,536-point capacity twice) give exactly the points written, in file order, and the same frame as one
+    chunk; the frame holds 25 bytes a point (int64 step, int8 tag codes, float64 value and wall_time)."""
+    n = 150_000
+    rng = np.random.default_rng(11)
+    tags = ["train/loss", "train/grad_norm", "train/learning_rate", "eval/loss", "train/epoch"]
+    steps = np.repeat(np.arange(1, n // 5 + 1), 5)
+    tag_i = np.tile(np.arange(5), n // 5)
+    values = rng.normal(size=n).astype(np.float32).astype(np.float64)
+    walls = 1_736_000_000.0 + np.arange(n) * 0.013
+    payloads = [scalar_event(int(s), tags[t], float(v), float(w)).SerializeToString()
+                for s, t, v, w in zip(steps.tolist(), tag_i.tolist(), values.tolist(), walls.tolist())]
+    path = tmp_path / "events.out.tfevents.1.many"
+    path.write_bytes(frame_records(payloads))
+    small = read_event_file(path, chunk=64 * 1024)
+    whole = read_event_file(path)
+    assert small.problems == [] and whole.problems == [] and small.n_records == n
+    df = small.scalars
+    assert len(df) == n
+    assert df["step"].to_numpy().tolist() == steps.tolist()
+    assert df["tag"].astype(str).tolist() == [tags[t] for t in tag_i.tolist()]
+    assert np.array_equal(df["value"].to_numpy(), values)
+    assert np.array_equal(df["wall_time"].to_numpy(), walls)
+    pd.testing.assert_frame_equal(df, whole.scalars)
+    assert df["tag"].cat.codes.dtype == np.int8
+    assert int(df.memory_usage(index=False).sum()) == 25 * n + int(df["tag"].cat.categories.memory_usage())
+
+
 def test_torch_summary_writer_scalars_text_and_tensor_scalars(tmp_path):
     torch = pytest.importorskip("torch")
     from torch.utils.tensorboard import SummaryWriter
