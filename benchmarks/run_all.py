@@ -1,6 +1,7 @@
 """Run every benchmark in turn and print one table of their targets (what `make bench` runs).
 
-Each benchmark runs in a fresh process, its output streamed as it comes; the ``TARGET|`` lines it prints
+Runs bench_analyze, bench_checks, bench_growth, bench_triage, bench_replay, bench_batch_validation, then any other
+benchmarks/bench_*.py except the by-hand bench_replay_release.py. Each benchmark runs in a fresh process, its output streamed as it comes; the ``TARGET|`` lines it prints
 (benchmarks/_targets.py) are collected and shown together at the end: target, measured, goal, verdict
 (met / MISSED / not run). A benchmark that is not there yet is listed as not run.
 
@@ -8,7 +9,7 @@ Exit code: 0 when every benchmark ran to its end, even with targets missed (this
 benchmark crashed (nonzero exit code) or could not start.
 
 Usage: python benchmarks/run_all.py [--quick] [--only NAME,...]
-  --quick   benchmarks that know the flag make their largest case optional (bench_growth.py skips the 16x size)
+  --quick   skip the largest cases: --quick to a benchmark that declares it (bench_growth.py without it: --sizes 1,4)
   --only    a comma-separated subset, by file name without .py (e.g. bench_triage,bench_replay)
 """
 from __future__ import annotations
@@ -25,7 +26,23 @@ sys.path.insert(0, str(HERE))
 
 from _targets import parse  # noqa: E402
 
-BENCHMARKS = ("bench_analyze", "bench_growth", "bench_triage", "bench_replay", "bench_batch_validation")
+# In this order; any other benchmarks/bench_*.py not listed here or in BY_HAND runs after them.
+BENCHMARKS = ("bench_analyze", "bench_checks", "bench_growth", "bench_triage", "bench_replay", "bench_batch_validation")
+BY_HAND = ("bench_replay_release",)  # ~10 minutes and 12 GB of disk: run it by hand (docs/performance.md)
+# --quick: a benchmark that declares --quick gets it; otherwise these arguments (bench_growth: no 16x size)
+QUICK_FALLBACK = {"bench_growth": ["--sizes", "1,4"]}
+
+
+def all_benchmarks() -> list[str]:
+    extra = sorted(p.stem for p in HERE.glob("bench_*.py") if p.stem not in BENCHMARKS and p.stem not in BY_HAND)
+    return list(BENCHMARKS) + extra
+
+
+def quick_args(name: str, script: Path) -> list[str]:
+    if _accepts(script, "--quick"):
+        return ["--quick"]
+    fallback = QUICK_FALLBACK.get(name, [])
+    return fallback if fallback and _accepts(script, fallback[0]) else []
 
 
 def _accepts(script: Path, flag: str) -> bool:
@@ -75,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="let benchmarks skip their largest case (--quick)")
     ap.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
     a = ap.parse_args(argv)
-    names = [n.strip().removesuffix(".py") for n in a.only.split(",") if n.strip()] or list(BENCHMARKS)
+    names = [n.strip().removesuffix(".py") for n in a.only.split(",") if n.strip()] or all_benchmarks()
     t0 = time.perf_counter()
     rows: list[tuple[str, dict]] = []
     status: list[tuple[str, str, float]] = []
@@ -88,7 +105,7 @@ def main(argv=None) -> int:
             rows.append((name, {"name": "(the whole benchmark)", "measured": "-", "goal": "-", "verdict": "not run",
                                 "note": "script not present"}))
             continue
-        args = ["--quick"] if a.quick and _accepts(script, "--quick") else []
+        args = quick_args(name, script) if a.quick else []
         print(f"\n=== {name}.py {' '.join(args)}".rstrip(), flush=True)
         rc, secs, out = run_one(script, args)
         found = parse(out)
