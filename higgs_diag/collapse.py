@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
+
 OK, WARNING, CRITICAL, SUSTAINED = 0, 1, 2, 3
 RELEASE_CLASSES = 1026  # Higgs Audio v2: 1024 codes + stream BOS + stream EOS per codebook
 LEVEL_NAMES = {OK: "ok", WARNING: "warning", CRITICAL: "critical", SUSTAINED: "sustained"}
@@ -107,10 +109,106 @@ def classes_of(config) -> int | None:
 
 def collapse_levels(steps: Iterable[int], values: Iterable[float], *, warning: float, critical: float,
                     window: int, recovery_steps: int = DEFAULT_RECOVERY_STEPS) -> tuple[list[int], CollapseTracker]:
-    """The level after each (step, value) of a logged series, and the tracker (its events)."""
+    """The level after each (step, value) of a logged series, and the tracker (its events): what feeding them one
+    at a time to :meth:`CollapseTracker.update` gives (the tracker ends in the same state), computed with numpy."""
+    levels, tr = collapse_levels_array(steps, values, warning=warning, critical=critical, window=window,
+                                       recovery_steps=recovery_steps)
+    return levels.tolist(), tr
+
+
+def collapse_levels_array(steps: Iterable[int], values: Iterable[float], *, warning: float, critical: float,
+                          window: int, recovery_steps: int = DEFAULT_RECOVERY_STEPS) -> tuple[np.ndarray, CollapseTracker]:
+    """:func:`collapse_levels` with the levels as an int64 array.
+
+    Linear in the number of points whatever their order: the episodes are found by chaining "next point below
+    the warning level" and "next point that completes ``recovery_steps`` back above it" (both precomputed for
+    every point), and each episode's events and levels come from numpy over its own points."""
     tr = CollapseTracker(warning, critical, window, recovery_steps)
-    out = []
-    for s, v in zip(steps, values):
-        tr.update(int(s), float(v))
-        out.append(tr.level)
-    return out, tr
+    steps = steps if hasattr(steps, "__len__") else list(steps)
+    values = values if hasattr(values, "__len__") else list(values)
+    st, v = _as_arrays(steps, values)
+    if st is None:  # not plain integer steps and float values: the tracker itself, one point at a time
+        out = []
+        for s, x in zip(steps, values):
+            tr.update(int(s), float(x))
+            out.append(tr.level)
+        return np.asarray(out, dtype=np.int64), tr
+    n = len(st)
+    levels = np.zeros(n, dtype=np.int64)
+    valid = np.flatnonzero(np.isfinite(v) & (v != 0.0))  # the others change nothing (update returns early)
+    S, V = st[valid], v[valid]
+    L = np.where(V < tr.critical, CRITICAL, np.where(V < tr.warning, WARNING, OK)).astype(np.int64)
+    m = len(S)
+    if m == 0 or not L.any():
+        return levels, tr
+    ok = L == OK
+    # the first point of the stretch back above the warning level that each point belongs to
+    run_start = np.where(ok & ~np.concatenate(([False], ok[:-1])), np.arange(m), 0)
+    run_start = np.maximum.accumulate(run_start)
+    recovers = ok & (S - S[run_start] + 1 >= tr.recovery_steps)
+    next_bad = _next_true(~ok)
+    next_rec = _next_true(recovers)
+    lv = np.zeros(m, dtype=np.int64)
+    b = int(next_bad[0])
+    while b < m:  # one iteration per episode: it starts at point b (below the warning level) ...
+        e = int(next_rec[b])  # ... and ends at point e (the recovery), or runs to the end (e == m)
+        Le = L[b:e]
+        streak = np.maximum.accumulate(Le)
+        ev_at: list[tuple[int, int, CollapseEvent]] = []
+        first = int(Le[0])
+        ev_at.append((b, 0, _event("critical" if first == CRITICAL else "warning", S[b], V[b], tr, S[b])))
+        if first == WARNING:
+            crit = np.flatnonzero(Le == CRITICAL)
+            if len(crit):
+                c = b + int(crit[0])
+                ev_at.append((c, 0, _event("critical", S[c], V[c], tr, S[b])))
+        sus = np.flatnonzero((Le != OK) & (S[b:e] - S[b] + 1 >= tr.window))
+        k = b + int(sus[0]) if len(sus) else None
+        if k is not None:
+            ev_at.append((k, 1, CollapseEvent("sustained", int(S[k]), float(V[k]), tr.warning, int(S[b]))))
+            streak[k - b:] = SUSTAINED
+        lv[b:e] = streak
+        ev_at.sort(key=lambda x: (x[0], x[1]))
+        tr.events.extend(x[2] for x in ev_at)
+        if e >= m:  # the episode lasts to the end: the tracker's state inside it
+            tr.below_since = int(S[b])
+            tr.above_since = int(S[run_start[m - 1]]) if ok[m - 1] else None
+            tr.streak_level = int(np.maximum.accumulate(Le)[-1])
+            tr.sustained = k is not None
+            break
+        tr.events.append(CollapseEvent("recovery", int(S[run_start[e]]), float(V[e]), tr.warning, int(S[b])))
+        b = int(next_bad[e])  # lv[e] stays OK: the level once recovered
+    tr.level = int(lv[-1])
+    # a skipped point keeps the level of the point before it (OK before the first)
+    levels[valid] = lv
+    if m < n:
+        last = np.zeros(n, dtype=np.int64)
+        last[valid] = np.arange(1, m + 1)
+        last = np.maximum.accumulate(last)
+        levels = np.concatenate(([OK], lv))[last]
+    return levels, tr
+
+
+def _event(kind: str, step, value, tr: CollapseTracker, start) -> CollapseEvent:
+    return CollapseEvent(kind, int(step), float(value), tr.critical if kind == "critical" else tr.warning, int(start))
+
+
+def _next_true(mask: np.ndarray) -> np.ndarray:
+    """For every index, the first index at or after it where ``mask`` is True (``len(mask)`` when none)."""
+    n = len(mask)
+    idx = np.where(mask, np.arange(n), n)
+    return np.minimum.accumulate(idx[::-1])[::-1]
+
+
+def _as_arrays(steps, values) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(int64 steps, float64 values) cut to the shorter of the two, or (None, None) when they are not plain
+    integers and numbers (the caller then feeds the tracker one point at a time)."""
+    try:
+        st = np.asarray(steps)
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return None, None
+    if st.ndim != 1 or v.ndim != 1 or st.dtype.kind not in "iu" or (st.dtype.kind == "u" and st.dtype.itemsize >= 8):
+        return None, None
+    n = min(len(st), len(v))
+    return st[:n].astype(np.int64), v[:n]

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..diagnosis import Severity
 from . import causes, check, finding
-from ..collapse import CRITICAL, OK, classes_of, collapse_levels, scaled_level, uniform_reference
+from ..collapse import CRITICAL, OK, classes_of, collapse_levels_array, scaled_level, uniform_reference
 from ._util import audio_loss_metrics, fmt, is_higgs_run
 from .overfitting import eval_rise
 
@@ -54,9 +54,9 @@ def _monitor_hit(m: str, steps: np.ndarray, v: np.ndarray, t, classes: int | Non
     """The collapse rule (``higgs_diag.collapse``, the trainer monitor's) on one logged series, the seed's levels
     scaled to the model's codebook geometry: (level, evidence, span) or None when it never left level ok."""
     warn, crit = scaled_level(t.audio_loss_warning, classes), scaled_level(t.audio_loss_critical, classes)
-    levels, tr = collapse_levels(steps, v, warning=warn, critical=crit,
-                                 window=t.audio_sustained_window, recovery_steps=t.audio_recovery_steps)
-    worst = max(levels, default=OK)
+    levels, tr = collapse_levels_array(steps, v, warning=warn, critical=crit,
+                                       window=t.audio_sustained_window, recovery_steps=t.audio_recovery_steps)
+    worst = int(levels.max()) if len(levels) else OK
     if worst == OK:
         return None
     ev = []
@@ -72,7 +72,7 @@ def _monitor_hit(m: str, steps: np.ndarray, v: np.ndarray, t, classes: int | Non
     lo_i = int(np.argmin(v))
     ev.append(f"{m}: {fmt(_start_value(v))} at step {steps[0]} -> min {fmt(v[lo_i])} at step {steps[lo_i]}, "
               f"last {fmt(v[-1])} at step {steps[-1]}")
-    first = next(int(s) for s, lv in zip(steps, levels) if lv != OK)
+    first = int(steps[int(np.argmax(levels != OK))])
     return worst, ev, (first, int(steps[-1])), float(v[lo_i])
 
 

@@ -151,6 +151,91 @@ class ConsoleInfo:
     cut_segments: int = 0  # segments longer than the reader keeps (cut to MAX_SEGMENT_BYTES)
 
 
+_INDEX = ("__scalar_index__",)  # the key of the index in Run._series_cache (no metric name is a tuple)
+_NO_POSITIONS = np.zeros(0, dtype=np.intp)
+_INT_COLUMNS = ("step", "segment")
+
+
+class _ScalarIndex:
+    """Numpy views of one scalars frame, computed on first use: columns, label codes, positions per metric."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+        self._columns: dict[str, np.ndarray] = {}
+        self._codes: dict[str, tuple[np.ndarray, list]] = {}
+        self._chosen: dict[str, np.ndarray] = {}
+        self.positions: dict = {}
+        if len(frame):
+            codes, names = self.codes("metric")
+            self.positions = _group_positions(codes, names)
+
+    def column(self, name: str) -> np.ndarray:
+        col = self._columns.get(name)
+        if col is None:
+            if name not in self.frame.columns and name == "segment":
+                col = np.zeros(len(self.frame), dtype=np.int64)
+            else:
+                col = self.frame[name].to_numpy(dtype=np.int64 if name in _INT_COLUMNS else np.float64)
+            self._columns[name] = col
+        return col
+
+    def codes(self, name: str) -> tuple[np.ndarray, list]:
+        got = self._codes.get(name)
+        if got is None:
+            col = self.frame[name]
+            if isinstance(col.dtype, pd.CategoricalDtype):
+                got = (col.cat.codes.to_numpy(), list(col.cat.categories))
+            else:
+                codes, uniques = pd.factorize(col.to_numpy(dtype=object), use_na_sentinel=True)
+                got = (codes, list(uniques))
+            self._codes[name] = got
+        return got
+
+    def chosen(self, metric) -> np.ndarray:
+        """The positions of ``metric``'s points in the source ``pick_source`` chooses, in reading order."""
+        got = self._chosen.get(metric) if isinstance(metric, str) else None
+        if got is not None:
+            return got
+        pos = self.positions.get(metric, _NO_POSITIONS)
+        if len(pos):
+            src_codes, src_names = self.codes("source")
+            sc = src_codes[pos]
+            n = np.bincount(sc + 1, minlength=len(src_names) + 1)[1:]
+            # the sources present, in the order a groupby lists them (sorted), with their counts
+            present = sorted((name, int(n[k])) for k, name in enumerate(src_names) if n[k] > 0) \
+                if not _categorical(self.frame["source"]) else \
+                [(name, int(n[k])) for k, name in enumerate(src_names) if n[k] > 0]
+            if present:
+                best = pick_source(dict(present))
+                codes_of_best = [k for k, name in enumerate(src_names) if name == best]
+                pos = pos[np.isin(sc, codes_of_best)] if len(codes_of_best) > 1 else pos[sc == codes_of_best[0]]
+            else:
+                pos = _NO_POSITIONS
+        if isinstance(metric, str):
+            self._chosen[metric] = pos
+        return pos
+
+
+def _categorical(col) -> bool:
+    return isinstance(col.dtype, pd.CategoricalDtype)
+
+
+def _group_positions(codes: np.ndarray, names: list) -> dict:
+    """{name: the ascending row positions whose code is that name's}, for the names that occur (-1: none)."""
+    c = codes.astype(np.int16 if len(names) < 32000 else np.int64) + 1
+    order = np.argsort(c, kind="stable")
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(c, minlength=len(names) + 1))))
+    out = {}
+    for k, name in enumerate(names):
+        lo, hi = bounds[k + 1], bounds[k + 2]
+        if hi > lo:
+            if name in out:  # two codes for one value (an object column with mixed equal values)
+                out[name] = np.sort(np.concatenate((out[name], order[lo:hi])))
+            else:
+                out[name] = order[lo:hi]
+    return out
+
+
 @dataclass
 class Run:
     root: str
@@ -170,49 +255,69 @@ class Run:
     _series_cache: dict = field(default_factory=dict, repr=False)
 
     # ---- access helpers used by the checks -------------------------------------------------------
+    # The checks read the scalars through these, as numpy arrays built once per Run (``_index``): a column, a
+    # categorical column's integer codes, each metric's row positions, and ``series``. Nothing here re-filters
+    # the frame per call. The index is rebuilt when ``scalars`` is replaced by another frame.
+    def _index(self) -> "_ScalarIndex":
+        idx = self._series_cache.get(_INDEX)
+        if idx is None or idx.frame is not self.scalars:
+            self._series_cache.clear()
+            idx = self._series_cache[_INDEX] = _ScalarIndex(self.scalars)
+        return idx
+
     @property
     def metrics(self) -> list[str]:
-        if self.scalars.empty:
-            return []
-        self.series("")  # builds the per-metric index once
-        return sorted(k for k in self._series_cache[None] if isinstance(k, str))
+        return sorted(k for k in self._index().positions if isinstance(k, str))
 
     def has(self, metric: str) -> bool:
         return not self.series(metric).empty
+
+    def column(self, name: str) -> np.ndarray:
+        """A scalars column as a numpy array (``step`` and ``segment`` int64, ``value`` and ``wall_time``
+        float64; a missing ``segment`` column reads as zeros), built once."""
+        return self._index().column(name)
+
+    def codes(self, name: str) -> tuple[np.ndarray, list]:
+        """(integer code of every row, the value of each code) for a label column (``metric``, ``source``,
+        ``file``); -1 where the value is missing. Built once."""
+        return self._index().codes(name)
+
+    def positions(self, metric: str) -> np.ndarray:
+        """The row positions of ``metric``'s points in every source, in reading order (empty when absent)."""
+        return self._index().positions.get(metric, _NO_POSITIONS)
+
+    def source_positions(self, metric: str) -> np.ndarray:
+        """The row positions of the points ``series(metric)`` reads (its source's, see ``pick_source``), in
+        reading order, duplicates of a step included."""
+        return self._index().chosen(metric)
 
     def series(self, metric: str) -> pd.Series:
         """One value per step for ``metric``: from the source that has the most points for it (on ties
         trainer_state, then tensorboard, then console: ``pick_source``), sorted by step. When a resumed run
         logged a step twice, the later entry wins (it is what the continuing run saw). NaN/Inf are kept."""
-        if metric in self._series_cache:
-            return self._series_cache[metric]
-        df = self.scalars
-        groups = self._series_cache.get(None)
-        if groups is None:  # one pass over the scalars for all metrics
-            groups = df.groupby("metric", sort=False).indices if not df.empty else {}
-            self._series_cache[None] = groups
-        pos = groups.get(metric)
-        sub = df.iloc[pos] if pos is not None else df.iloc[0:0]
-        if sub.empty:
-            s = pd.Series([], dtype="float64", name=metric)
-            s.index = pd.Index([], dtype="int64", name="step")
-        else:
-            counts = sub.groupby("source", observed=True)["step"].size()
-            best = pick_source(counts)
-            sub = sub[sub["source"] == best]
-            # keep file order (appearance) then the last occurrence of each step
-            sub = sub.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
-            s = pd.Series(sub["value"].to_numpy(dtype="float64"), index=pd.Index(sub["step"].to_numpy(dtype="int64"), name="step"), name=metric)
-        self._series_cache[metric] = s
+        idx = self._index()
+        s = self._series_cache.get(metric) if isinstance(metric, str) else None
+        if s is not None:
+            return s
+        pos = idx.chosen(metric)
+        steps = idx.column("step")[pos]
+        if len(steps) > 1 and not (steps[1:] > steps[:-1]).all():
+            # keep the last occurrence (in reading order) of each step, sorted by step
+            order = np.argsort(steps, kind="stable")
+            ss = steps[order]
+            last = np.empty(len(ss), dtype=bool)
+            np.not_equal(ss[1:], ss[:-1], out=last[:-1])
+            last[-1] = True
+            pos, steps = pos[order[last]], ss[last]
+        s = pd.Series(idx.column("value")[pos], index=pd.Index(steps, dtype="int64", name="step"), name=metric,
+                      copy=False)
+        if isinstance(metric, str):
+            self._series_cache[metric] = s
         return s
 
     def all_steps(self, metric: str) -> np.ndarray:
         """Every step at which ``metric`` was logged, in any source (duplicates kept)."""
-        self.series("")  # builds the per-metric index once
-        pos = self._series_cache[None].get(metric)
-        if pos is None:
-            return np.zeros(0, dtype="int64")
-        return self.scalars["step"].to_numpy()[pos]
+        return self.column("step")[self.positions(metric)]
 
     def arg(self, name: str, default: Any = None) -> Any:
         if self.args and name in self.args:
