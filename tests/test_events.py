@@ -281,10 +281,11 @@ def test_hf_style_run_many_points(tmp_path):
     assert res["n_records"] == len(events) + 1
 
 
-def test_many_chunks_grow_the_columns_and_keep_every_point(tmp_path):
-    """150,000 points read in 64 KiB chunks (about 125 of them: the kept columns grow past their first
-    65,536-point capacity twice) give exactly the points written, in file order, and the same frame as one
-    chunk; the frame holds 25 bytes a point (int64 step, int8 tag codes, float64 value and wall_time)."""
+def test_many_chunks_and_slabs_keep_every_point(tmp_path, monkeypatch):
+    """150,000 points read in 64 KiB chunks (about 125 of them) into slabs of 10,000, 20,000, 40,000, 40,000 ...
+    points (chunks cut across slab ends, the last slab part-filled) give exactly the points written, in file
+    order, and the same frame as one chunk; the frame holds 25 bytes a point (int64 step, int8 tag codes,
+    float64 value and wall_time)."""
     n = 150_000
     rng = np.random.default_rng(11)
     tags = ["train/loss", "train/grad_norm", "train/learning_rate", "eval/loss", "train/epoch"]
@@ -296,8 +297,10 @@ def test_many_chunks_grow_the_columns_and_keep_every_point(tmp_path):
                 for s, t, v, w in zip(steps.tolist(), tag_i.tolist(), values.tolist(), walls.tolist())]
     path = tmp_path / "events.out.tfevents.1.many"
     path.write_bytes(frame_records(payloads))
-    small = read_event_file(path, chunk=64 * 1024)
     whole = read_event_file(path)
+    monkeypatch.setattr(ev._Columns, "FIRST", 10_000)
+    monkeypatch.setattr(ev._Columns, "SLAB", 40_000)
+    small = read_event_file(path, chunk=64 * 1024)
     assert small.problems == [] and whole.problems == [] and small.n_records == n
     df = small.scalars
     assert len(df) == n
