@@ -17,8 +17,9 @@ Then, each in a fresh process (wall seconds and the peak RSS of the largest proc
   jobs 1    higgs-diag analyze SWEEP --format json --jobs 1   (the serial loop inside one process)
   loop      sh -c 'for d in RUN...; do higgs-diag analyze "$d" --format json; done'   (100 processes)
 
-"jobs N" and "jobs 1" alternate (--rounds pairs; the ratio of each pair survives a drifting shared machine); the
-shell loop runs once (--no-loop skips it). The reports of the three ways must be identical, run by run.
+After one warm-up run (not counted), "jobs N" and "jobs 1" alternate (--rounds pairs; the ratio of each pair
+survives a drifting shared machine); the shell loop runs once (--no-loop skips it). The reports of the three ways
+must be identical, run by run.
 
 Target: speed-up of --jobs N over --jobs 1 >= 0.8 x N (N = the cores available).
 
@@ -163,12 +164,16 @@ def main(argv=None) -> int:
     n_cores = cores()
     jobs = a.jobs or n_cores
     cli = str(Path(sys.executable).parent / "higgs-diag")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = None  # the caller's environment, as a user's shell gives it (analyze does no BLAS work worth threads)
     size = sum(f.stat().st_size for r in runs for f in r.rglob("*") if f.is_file())
     print(f"sweep: {len(runs)} runs, {size / 1e6:.0f} MB ({', '.join(f'{c} x 1/{d}' for _, d, c in SCALED)} of the "
           f"reference run, {N_RUNS - 1 - sum(c for *_, c in SCALED)} fixture runs, 1 damaged); cores available: "
-          f"{n_cores} (os.cpu_count {os.cpu_count()}); --jobs {jobs}", flush=True)
+          f"{n_cores} (os.cpu_count {os.cpu_count()}); --jobs {jobs}; OMP_NUM_THREADS "
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
 
+    # warm-up, not counted: the first process after a checkout compiles the package's .pyc files, and the first
+    # read of the sweep may come from disk
+    _run([cli, "analyze", str(SWEEP), "--format", "json", "--jobs", str(jobs)], env)
     par, ser, ratios = [], [], []
     for rnd in range(a.rounds):
         order = ("par", "ser") if rnd % 2 == 0 else ("ser", "par")
