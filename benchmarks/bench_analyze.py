@@ -342,30 +342,37 @@ def generate_run(root: Path, max_steps: int, *, state: bool = True, events: bool
     """Write the reference run at ``max_steps`` steps into ``root`` (reused when present): its trainer_state.json
     and/or its event file, streamed block by block. Returns the meta (paths, points written, sizes)."""
     meta_path = root.parent / (root.name + ".meta.json")
+    state_path = root / f"checkpoint-{max_steps}" / "trainer_state.json"
+    ev_path = root / "runs" / RUN_NAME / EVENT_NAME
+
+    def located(meta: dict) -> dict:  # the paths under root as it is now (the folder may have moved)
+        return {**meta, "state_path": str(state_path) if meta["state"] else None,
+                "event_path": str(ev_path) if meta["events"] else None}
+
     if not force and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("steps") == max_steps and all(Path(meta[k]).exists() for k in ("state_path", "event_path") if meta.get(k)):
-            return meta
+        if (meta.get("steps") == max_steps and (meta.get("state"), meta.get("events")) == (state, events)
+                and (not state or state_path.exists()) and (not events or ev_path.exists())):
+            return located(meta)
     t = time.perf_counter()
     if root.exists():
         shutil.rmtree(root)
     meta_path.unlink(missing_ok=True)
     cols = _curves(max_steps)
     evals = dict(_eval_points(cols[1], max_steps))
-    meta = {"steps": max_steps, "state_path": None, "event_path": None, "state_points": 0, "points": 0,
+    meta = {"steps": max_steps, "state": state, "events": events, "state_points": 0, "points": 0,
             "records": 0, "event_bytes": 0, "state_bytes": 0}
     if state:
-        state_path = root / f"checkpoint-{max_steps}" / "trainer_state.json"
         state_path.parent.mkdir(parents=True)
         meta["state_points"] = _write_state(state_path, cols, evals, block)
-        meta.update(state_path=str(state_path), state_bytes=state_path.stat().st_size)
+        meta["state_bytes"] = state_path.stat().st_size
     t_state = time.perf_counter() - t
     if events:
-        ev_path = root / "runs" / RUN_NAME / EVENT_NAME
         ev_path.parent.mkdir(parents=True)
         meta["points"], meta["records"] = _write_events(ev_path, cols, evals, block)
-        meta.update(event_path=str(ev_path), event_bytes=ev_path.stat().st_size)
+        meta["event_bytes"] = ev_path.stat().st_size
     meta_path.write_text(json.dumps(meta))
+    meta = located(meta)
     print(f"generated {root} in {time.perf_counter() - t:.1f} s (trainer_state {t_state:.1f} s): "
           f"{meta['state_bytes'] / 1e6:.1f} MB trainer_state.json, {meta['event_bytes'] / 1e6:.1f} MB event file, "
           f"{meta['records']:,} records, {meta['points']:,} scalar points in the event file, "
