@@ -1,10 +1,13 @@
 """The data model of a read run: what every reader produces and every check consumes.
 
 A ``Run`` holds one tidy long scalars DataFrame with columns
-``step`` (int64), ``metric`` (str, canonical name), ``value`` (float64, NaN/Inf kept),
-``source`` (str, ``trainer_state``, ``tensorboard`` or ``console``), ``wall_time`` (float64, NaN when unknown),
-``file`` (str, the file the point came from) and ``segment`` (int, 0 for the first training session,
-+1 at each resume detected in that file's sequence of steps).
+``step`` (int32 when every step is within ``STEP_INT32_LIMIT``, else int64), ``metric`` (categorical of str,
+canonical name), ``value`` (float64, NaN/Inf kept), ``source`` (categorical: ``trainer_state``, ``tensorboard``
+or ``console``), ``wall_time`` (float64, NaN when unknown), ``file`` (categorical: the file the point came from)
+and ``segment`` (the smallest signed int its values fit, usually int8: 0 for the first training session, +1 at
+each resume detected in that file's sequence of steps). 24 bytes per point with int32 steps (the run loader
+builds it: ``run/load.py``). Frames built by hand (tests) may use int64 and str columns; readers of the frame
+must accept both (``Run.series`` gives int64 steps either way).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import pandas as pd
 from .. import layout
 
 SCALAR_COLUMNS = ["step", "metric", "value", "source", "wall_time", "file", "segment"]
+# steps are kept as int32 when all are in [-STEP_INT32_LIMIT, STEP_INT32_LIMIT): the difference of any two then
+# fits int32 too (np.diff over the column cannot overflow); a run of 2**30 steps or more gets int64
+STEP_INT32_LIMIT = 2**30
 # which source Run.series prefers when two have as many points of a metric (files written by the Trainer first)
 SOURCE_PRIORITY = {"trainer_state": 2, "tensorboard": 1, "console": 0}
 
@@ -28,15 +34,17 @@ def pick_source(counts) -> str:
 
 
 def empty_scalars() -> pd.DataFrame:
+    """The scalars of a run without points, in the loader's column types."""
+    label = lambda: pd.Series(pd.Categorical([], categories=pd.Index([], dtype=object)))  # noqa: E731
     return pd.DataFrame(
         {
-            "step": pd.Series([], dtype="int64"),
-            "metric": pd.Series([], dtype="object"),
+            "step": pd.Series([], dtype="int32"),
+            "metric": label(),
             "value": pd.Series([], dtype="float64"),
-            "source": pd.Series([], dtype="object"),
+            "source": label(),
             "wall_time": pd.Series([], dtype="float64"),
-            "file": pd.Series([], dtype="object"),
-            "segment": pd.Series([], dtype="int64"),
+            "file": label(),
+            "segment": pd.Series([], dtype="int8"),
         }
     )
 

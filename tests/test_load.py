@@ -1,0 +1,250 @@
+"""higgs_diag.run.load: the scalars frame (compact column types, segments, several files merged) and reading the
+event files in a forked worker while the state files are read (same Run as serial, errors as serial)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.compat.proto import event_pb2, summary_pb2
+
+import higgs_diag.run.load as load
+from higgs_diag.run.events import frame_records
+from higgs_diag.run.model import SCALAR_COLUMNS, STEP_INT32_LIMIT
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers: a run with a state file, an event file and a console log, steps going back where asked
+# ------------------------------------------------------------------------------------------------------------
+def _event(step, tag, value, wall):
+    return event_pb2.Event(wall_time=wall, step=step, summary=summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])).SerializeToString()
+
+
+def _write_run(root: Path, steps: list[int], *, tags=("train/loss", "train/grad_norm", "eval/loss"),
+               log: bool = True, seed: int = 0) -> Path:
+    """trainer_state.json (the steps in the order given), an event file (the same points, tags shuffled within
+    a step) and a console log printing `Step N - Losses` lines."""
+    rnd = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    history = [{"step": s, "loss": rnd.random(), "grad_norm": rnd.random() * 3} for s in steps]
+    history += [{"step": s, "eval_loss": rnd.random()} for s in steps[::7]]
+    (root / "trainer_state.json").write_text(json.dumps({"global_step": max(steps), "log_history": history}))
+    recs = []
+    for i, s in enumerate(steps):
+        for tag in rnd.sample(list(tags), len(tags)):
+            recs.append(_event(s, tag, rnd.random(), 1_700_000_000.0 + i + rnd.random()))
+    tb = root / "runs" / "x"
+    tb.mkdir(parents=True, exist_ok=True)
+    (tb / "events.out.tfevents.1700000000.host.1.0").write_bytes(frame_records(recs))
+    if log:
+        lines = [f"INFO:__main__:Step {s} - Losses: Text={rnd.random():.4f}, Audio={rnd.random():.4f}, "
+                 f"Total={rnd.random():.4f}" for s in steps]
+        (root / "train.log").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _naive_frame(run) -> pd.DataFrame:
+    """The frame the loader builds, computed the plain way from its own columns: segments recounted per
+    (file, metric) with a Python loop over the points in reading order."""
+    df = run.scalars
+    seg = np.zeros(len(df), dtype=np.int64)
+    last: dict = {}
+    count: dict = {}
+    for i, (f, m, s) in enumerate(zip(df["file"].astype(object), df["metric"].astype(object), df["step"])):
+        key = (f, m)
+        if key in last and s < last[key]:
+            count[key] = count.get(key, 0) + 1
+        last[key] = s
+        seg[i] = count.get(key, 0)
+    return pd.DataFrame({"step": df["step"].to_numpy(np.int64), "segment": seg})
+
+
+def _assert_same_run(a, b):
+    assert list(a.scalars.columns) == list(b.scalars.columns) == SCALAR_COLUMNS
+    for col in SCALAR_COLUMNS:
+        x, y = a.scalars[col], b.scalars[col]
+        assert x.dtype == y.dtype, col
+        if x.dtype.kind == "f":
+            assert np.array_equal(x.to_numpy().view(np.int64), y.to_numpy().view(np.int64)), col  # bit-identical
+        else:
+            assert x.astype(object).tolist() == y.astype(object).tolist(), col
+    assert [str(p) for p in a.problems] == [str(p) for p in b.problems]
+    assert (a.files_read, a.args, a.model_config, a.state) == (b.files_read, b.args, b.model_config, b.state)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the frame
+# ------------------------------------------------------------------------------------------------------------
+def test_frame_is_compact_and_exact(tmp_path):
+    steps = list(range(1, 301)) + list(range(150, 401)) + list(range(1, 51))  # a resume, then a restart
+    run = load.load_run(_write_run(tmp_path / "r", steps))
+    df = run.scalars
+    assert df["step"].dtype == np.int32 and df["segment"].dtype == np.int8
+    assert df["value"].dtype == np.float64 and df["wall_time"].dtype == np.float64
+    for col in ("metric", "source", "file"):
+        assert isinstance(df[col].dtype, pd.CategoricalDtype) and df[col].cat.codes.dtype == np.int8
+        assert df[col].cat.categories.dtype == object
+    per_point = sum((df[c].cat.codes if isinstance(df[c].dtype, pd.CategoricalDtype) else df[c]).dtype.itemsize
+                    for c in SCALAR_COLUMNS)
+    assert per_point == 24  # 4 + 1 + 8 + 1 + 8 + 1 + 1 (was 35: int64 step and segment)
+    assert set(df["source"].astype(str)) == {"trainer_state", "tensorboard", "console"}
+    # the segments: 0, 1, 2 in every (file, metric) that has the three sessions
+    naive = _naive_frame(run)
+    assert np.array_equal(df["segment"].to_numpy(np.int64), naive["segment"].to_numpy())
+    assert df["segment"].max() == 2
+    loss = run.series("loss")
+    assert loss.index.dtype == np.int64 and loss.index.tolist() == list(range(1, 401))
+
+
+def test_steps_beyond_int32_stay_int64(tmp_path):
+    big = STEP_INT32_LIMIT  # just outside the int32 range the loader uses
+    run = load.load_run(_write_run(tmp_path / "r", [1, 2, big, big + 5, 3], log=False))
+    assert run.scalars["step"].dtype == np.int64
+    assert run.scalars["step"].max() == big + 5 and run.series("loss").index.tolist() == [1, 2, 3, big, big + 5]
+    small = load.load_run(_write_run(tmp_path / "s", [1, 2, big - 1, 3], log=False))
+    assert small.scalars["step"].dtype == np.int32 and small.scalars["step"].max() == big - 1
+
+
+def test_many_metrics_and_many_segments(tmp_path):
+    """More than 126 metric names (int16 codes) and more than 127 resumes (int16 segments)."""
+    tags = tuple(f"train/m{i}" for i in range(150))
+    steps = [s for _ in range(130) for s in (1, 2)]  # goes back 129 times
+    run = load.load_run(_write_run(tmp_path / "r", steps, tags=tags, log=False))
+    df = run.scalars
+    assert df["metric"].cat.codes.dtype == np.int16 and df["segment"].dtype == np.int16
+    assert np.array_equal(df["segment"].to_numpy(np.int64), _naive_frame(run)["segment"].to_numpy())
+    assert int(df["segment"].max()) == 129
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segments_match_the_plain_count(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 3000))
+    step = rng.integers(-5, 40, n).astype(np.int64) if seed % 2 else np.sort(rng.integers(0, 10**6, n))
+    codes = rng.integers(-1, 5 if seed < 4 else 40_000, n)  # -1: a missing name; 40,000: int64 keys
+    got = load._segments(step, codes, int(codes.max(initial=0)) + 1)
+    want = np.zeros(n, dtype=np.int64)
+    last, count = {}, {}
+    for i, (c, s) in enumerate(zip(codes.tolist(), step.tolist())):
+        if c in last and s < last[c]:
+            count[c] = count.get(c, 0) + 1
+        last[c] = s
+        want[i] = count.get(c, 0)
+    if got is None:
+        assert not want.any()
+    else:
+        assert np.array_equal(got, want)
+
+
+def test_assemble_keeps_category_order_and_lets_parts_go():
+    """Metric categories in order of appearance over the files (as pandas.union_categoricals does), each
+    file's arrays released once copied."""
+    def part(names, codes, steps, source, file):
+        return {"step": np.asarray(steps, np.int64),
+                "metric": pd.Categorical.from_codes(np.asarray(codes), categories=pd.Index(names, dtype=object)),
+                "value": np.arange(len(steps), dtype=np.float64), "wall_time": None, "source": source,
+                "file": file}
+
+    parts = [part(["b", "a"], [0, 1, 1], [1, 2, 3], "trainer_state", "s.json"),
+             part(["c", "a", "b"], [2, 0, 1, 0], [5, 4, 3, 2], "tensorboard", "e1"),
+             part(["a"], [0], [9], "tensorboard", "e2")]
+    df = load._assemble(parts)
+    assert parts == []
+    assert list(df["metric"].cat.categories) == ["b", "a", "c"]
+    assert df["metric"].astype(str).tolist() == ["b", "a", "a", "b", "c", "a", "c", "a"]
+    assert df["segment"].tolist() == [0, 0, 0, 0, 0, 0, 1, 0]  # c: steps 4 then 2 in e1
+    assert df["source"].astype(str).tolist() == ["trainer_state"] * 3 + ["tensorboard"] * 5
+    assert list(df["source"].cat.categories) == ["trainer_state", "tensorboard"]
+    assert df["file"].astype(str).tolist() == ["s.json"] * 3 + ["e1"] * 4 + ["e2"]
+    assert df["wall_time"].isna().all() and df["value"].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert load._assemble([]).columns.tolist() == SCALAR_COLUMNS
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading the event files in a forked worker
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def always_concurrent(monkeypatch):
+    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.delenv(load.SERIAL_READ_ENV, raising=False)
+    started = []
+    orig = load._EventWorker.start.__func__
+
+    def start(cls, files, size):
+        w = orig(cls, files, size)
+        started.append(w)
+        return w
+
+    monkeypatch.setattr(load._EventWorker, "start", classmethod(start))
+    return started
+
+
+def _serial(monkeypatch, root):
+    with monkeypatch.context() as m:
+        m.setenv(load.SERIAL_READ_ENV, "1")
+        return load.load_run(root)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_worker_gives_the_serial_run(tmp_path, monkeypatch, always_concurrent):
+    root = _write_run(tmp_path / "r", list(range(1, 200)) + list(range(50, 120)))
+    tb2 = root / "runs" / "y"  # a second event file, cut off in its last record
+    tb2.mkdir()
+    data = frame_records([_event(s, "train/loss", 0.5, 1.7e9 + s) for s in range(300, 340)])
+    (tb2 / "events.out.tfevents.1700000100.host.1.0").write_bytes(data[:-7])
+    ticks = []
+    run = load.load_run(root, progress=ticks.append)
+    assert len(always_concurrent) == 1 and always_concurrent[0] is not None
+    assert always_concurrent[0].pid is None  # reaped
+    serial = _serial(monkeypatch, root)
+    _assert_same_run(run, serial)
+    assert any("truncated" == p.kind for p in run.problems)
+    assert sorted(ticks) == sorted(p.stat().st_size for p in [*root.rglob("trainer_state.json"),
+                                                              *root.rglob("events.out.*"), root / "train.log"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_worker_failure_reads_again_here(tmp_path, monkeypatch, always_concurrent):
+    """A child that dies (here: its reader raises) delivers nothing: the files are read again in this process,
+    where the same reader error surfaces exactly as it does serially."""
+    root = _write_run(tmp_path / "r", list(range(1, 50)), log=False)
+    calls = []
+    real = load._send_results
+
+    def dying(fd, results):
+        os._exit(3)  # in the child: as if it crashed before sending anything
+
+    monkeypatch.setattr(load, "_send_results", dying)
+    run = load.load_run(root)
+    assert always_concurrent[0] is not None and always_concurrent[0].pid is None
+    monkeypatch.setattr(load, "_send_results", real)
+    _assert_same_run(run, _serial(monkeypatch, root))
+
+    import higgs_diag.run.events as events
+
+    def broken(p, chunk=None):
+        calls.append(os.getpid())
+        raise RuntimeError("reader bug")
+
+    monkeypatch.setattr(events, "read_event_file", broken)
+    with pytest.raises(RuntimeError, match="reader bug"):
+        load.load_run(root)
+    assert calls and calls[-1] == os.getpid()  # raised here, after the child failed the same way
+
+
+def test_serial_when_small_or_alone(tmp_path, monkeypatch):
+    root = _write_run(tmp_path / "r", list(range(1, 30)), log=False)
+    started = []
+    orig = load._EventWorker.start.__func__
+    monkeypatch.setattr(load._EventWorker, "start",
+                        classmethod(lambda cls, f, s: started.append(orig(cls, f, s)) or started[-1]))
+    load.load_run(root)  # files of a few KB: below CONCURRENT_MIN_BYTES
+    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
+    (root / "trainer_state.json").unlink()
+    load.load_run(root)  # only an event file: nothing to overlap
+    assert started == [None, None]
