@@ -9,6 +9,13 @@ zero-byte operator squared log2(length) times). Segments longer than 1 KiB are c
 CRCs are combined with that operator.
 
 TFRecord stores ``masked(c) = ((c >> 15) | (c << 17)) + 0xa282ead8 (mod 2**32)``.
+
+Why not a C CRC-32C package (``google-crc32c``, ``crc32c``; evaluated for issue #10 on 2026-11-30): they CRC one
+buffer per call (the 47 MB reference file whole in 5-12 ms), but the reader needs one CRC per record and per
+header, 1.7 million calls on that file: 0.67-0.79 s from Python against 0.25 s for ``crc_segments`` over the same
+segments, and about 0.1 s inside the reader, where the fast path's gathered rows serve the data CRC too. So the
+numpy code stays, with no extra dependency; tests check it against TensorBoard's reference CRC and the
+CRC-32C check value.
 """
 from __future__ import annotations
 
