@@ -106,3 +106,86 @@ def smoothed(s: pd.Series, fraction: float) -> pd.Series:
     s = finite(s)
     w = smoothing_window(len(s), fraction)
     return s.rolling(w, center=True, min_periods=1).median() if w > 1 else s
+
+
+# ---- rolling medians computed only where a rule needs them ---------------------------------------------
+# pandas' rolling median (a skiplist) costs ~0.1 s over a 143k-point series with a 50-point window; the rules
+# read it at a few points (the spikes, the steps they compare). These give the same float64 values there:
+# the middle element of the window, or (a + b) / 2 of the two middle ones, which is what np.median computes.
+
+def trailing_window_ok(window, min_periods) -> bool:
+    """True when ``(window, min_periods)`` is a case the helpers below reproduce exactly (plain positive
+    integers with min_periods <= window); otherwise the caller uses pandas' rolling itself."""
+    ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in (window, min_periods))
+    return ints and 1 <= min_periods <= window
+
+
+def trailing_medians_at(v: np.ndarray, idx: np.ndarray, window: int, min_periods: int) -> np.ndarray:
+    """``pd.Series(v).shift(1).rolling(window, min_periods=min_periods).median()`` at the positions ``idx``
+    (``v`` finite): the median of ``v[max(0, i - window):i]``, NaN where that holds fewer than ``min_periods``
+    points."""
+    idx = np.asarray(idx, dtype=np.int64)
+    out = np.full(len(idx), np.nan)
+    full = (idx >= window) & (idx <= len(v))
+    if full.any():
+        wins = np.lib.stride_tricks.sliding_window_view(v, window)
+        rows = idx[full] - window
+        res = np.empty(len(rows))
+        for a in range(0, len(rows), 4096):  # bounded memory: 4096 windows at a time
+            res[a:a + 4096] = np.median(wins[rows[a:a + 4096]], axis=1)
+        out[full] = res
+    for j in np.flatnonzero(~full & (idx >= min_periods) & (idx <= len(v))):
+        out[j] = np.median(v[: idx[j]])
+    return out
+
+
+def trailing_min(v: np.ndarray, window: int) -> np.ndarray:
+    """``min(v[max(0, i - window):i])`` for every i (``inf`` at i = 0), in O(n) whatever the window: blocks of
+    ``window`` points with their running minimum from each end (van Herk / Gil-Werman)."""
+    n = len(v)
+    out = np.full(n, np.inf)
+    if n <= 1:
+        return out
+    w = int(min(window, n))
+    pre = np.minimum.accumulate(v[: min(w, n)])  # windows that start at 0: min(v[0:i])
+    out[1: w + 1] = pre[: min(w, n - 1)]
+    if n > w:
+        nb = -(-n // w)
+        pad = np.full(nb * w, np.inf)
+        pad[:n] = v
+        blocks = pad.reshape(nb, w)
+        left = np.minimum.accumulate(blocks, axis=1).ravel()  # min from the block start to j
+        right = np.minimum.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].ravel()  # min from j to the block end
+        a = np.arange(1, n - w)  # windows v[a:a + w] give out[a + w]
+        out[w + 1:] = np.minimum(right[a], left[a + w - 1])
+    return out
+
+
+def _centred_bounds(n: int, idx: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of pandas' centred window of ``window`` points at each position in ``idx``, clipped to [0, n)."""
+    offset = (window - 1) // 2  # pandas: the window ends ``offset`` points after the position
+    hi = np.minimum(idx + offset + 1, n)
+    return np.maximum(idx + offset + 1 - window, 0), hi
+
+
+def smoothed_at(s: pd.Series, fraction: float, idx) -> np.ndarray:
+    """``smoothed(s, fraction).to_numpy()[idx]`` for ``s`` already finite, computing only those medians."""
+    v = s.to_numpy(dtype="float64")
+    idx = np.asarray(idx, dtype=np.int64)
+    w = smoothing_window(len(v), fraction)
+    if w <= 1:
+        return v[idx]
+    lo, hi = _centred_bounds(len(v), idx, w)
+    return np.array([np.median(v[a:b]) for a, b in zip(lo.tolist(), hi.tolist())], dtype=np.float64)
+
+
+def centred_max(v: np.ndarray, window: int, start: int) -> np.ndarray:
+    """The maximum of pandas' centred window of ``window`` points (clipped at the ends) at every position from
+    ``start`` to the end, in O(n) whatever the window (``trailing_min`` of the negated values)."""
+    n, offset = len(v), (window - 1) // 2
+    if start >= n:
+        return np.zeros(0)
+    # with ``window`` points of -inf on both sides, the window at i is ext[i + offset + 1 : i + offset + 1 + window]
+    ext = np.concatenate((np.full(window, -np.inf), v, np.full(window, -np.inf)))
+    sub = -ext[start + offset + 1:]
+    return -trailing_min(sub, window)[np.arange(n - start) + window]

@@ -16,7 +16,7 @@ from ..config import Thresholds
 from ..diagnosis import Finding, Severity
 from ..run.model import Run
 from . import causes, check, finding
-from ._util import finite, fmt, loss_not_cross_entropy
+from ._util import finite, fmt, loss_not_cross_entropy, trailing_medians_at, trailing_min, trailing_window_ok
 
 _SPIKE_THRESHOLDS = ("grad_spike_factor", "grad_spike_window", "grad_spike_min_history")
 
@@ -24,7 +24,7 @@ _SPIKE_THRESHOLDS = ("grad_spike_factor", "grad_spike_window", "grad_spike_min_h
 @dataclass
 class _Spikes:
     g: pd.Series  # finite, nonzero grad_norm
-    ref: pd.Series  # its trailing rolling median
+    ref: pd.Series  # its trailing rolling median, where a spike was possible (at least at every spike; NaN elsewhere)
     spikes: pd.Series  # the points above grad_spike_factor x ref
 
     @property
@@ -33,25 +33,57 @@ class _Spikes:
 
 
 def _spikes(run: Run, t: Thresholds) -> _Spikes | None:
+    """The spikes, computed once per Run and thresholds (HD403, HD407 and HD408 all read them)."""
+    return run.cached(("gradients._spikes", t.grad_spike_window, t.grad_spike_min_history, t.grad_spike_factor),
+                      lambda: _find_spikes(run, t))
+
+
+def _find_spikes(run: Run, t: Thresholds) -> _Spikes | None:
     g = finite(run.series("grad_norm"))
     g = g[g > 0]  # exact zeros (skipped or frozen steps) are no reference level
     if len(g) <= t.grad_spike_min_history:
         return None
-    ref = g.shift(1).rolling(t.grad_spike_window, min_periods=t.grad_spike_min_history).median()
-    spike = (ref > 0) & (g > t.grad_spike_factor * ref)
+    w, mp, factor = t.grad_spike_window, t.grad_spike_min_history, t.grad_spike_factor
+    ref = None
+    if trailing_window_ok(w, mp) and factor >= 0:
+        # The median of positive values is at least their minimum, so a point at or below factor x the trailing
+        # minimum is no spike: the exact median is needed only at the other points (a few on a healthy run).
+        gv = g.to_numpy()
+        with np.errstate(invalid="ignore", over="ignore"):  # 0 x inf (no history yet) is no candidate
+            cand = np.flatnonzero((np.arange(len(gv)) >= mp) & (gv > factor * trailing_min(gv, w)))
+        if len(cand) <= len(gv) // 20 + 64:
+            r = np.full(len(gv), np.nan)
+            r[cand] = trailing_medians_at(gv, cand, w, mp)
+            ref = pd.Series(r, index=g.index, name=g.name)
+    if ref is None:
+        ref = g.shift(1).rolling(w, min_periods=mp).median()
+    spike = (ref > 0) & (g > factor * ref)
     return _Spikes(g, ref, g[spike]) if spike.any() else None
 
 
 def _loss_jumps(run: Run, t: Thresholds, sp: _Spikes) -> list[str]:
     """One line per spike after which the median loss over the next loss_jump_points logged points exceeds
-    loss_jump_factor x its trailing median and rises by loss_jump_min_rise; [] for non-CE objectives."""
+    loss_jump_factor x its trailing median and rises by loss_jump_min_rise; [] for non-CE objectives.
+    Computed once per Run and thresholds (HD403 and HD407)."""
+    key = ("gradients._loss_jumps", t.grad_spike_window, t.grad_spike_min_history, t.grad_spike_factor,
+           t.loss_jump_points, t.loss_jump_factor, t.loss_jump_min_rise)
+    return list(run.cached(key, lambda: tuple(_find_loss_jumps(run, t, sp))))
+
+
+def _find_loss_jumps(run: Run, t: Thresholds, sp: _Spikes) -> list[str]:
     loss = finite(run.series("loss"))
     if loss_not_cross_entropy(run) is not None or len(loss) <= t.grad_spike_min_history:
         return []
-    lref = loss.shift(1).rolling(t.grad_spike_window, min_periods=t.grad_spike_min_history).median().to_numpy()
     lv = loss.to_numpy()
+    at = loss.index.searchsorted(sp.spikes.index.to_numpy(), side="left")
+    if trailing_window_ok(t.grad_spike_window, t.grad_spike_min_history):
+        lref = np.full(len(lv), np.nan)  # the trailing median, where it is read (after each spike)
+        inside = at[at < len(lv)]
+        lref[inside] = trailing_medians_at(lv, inside, t.grad_spike_window, t.grad_spike_min_history)
+    else:
+        lref = loss.shift(1).rolling(t.grad_spike_window, min_periods=t.grad_spike_min_history).median().to_numpy()
     out = []
-    for s, i in zip(sp.spikes.index, loss.index.searchsorted(sp.spikes.index.to_numpy(), side="left")):
+    for s, i in zip(sp.spikes.index, at):
         if i >= len(lv):
             continue
         later = lv[i: i + t.loss_jump_points]

@@ -15,7 +15,7 @@ from ..config import Thresholds
 from ..diagnosis import Finding, Severity
 from ..run.model import Run
 from . import causes, check, finding
-from ._util import finite, fmt, loss_not_cross_entropy, smoothed, smoothing_window, value_at
+from ._util import centred_max, finite, fmt, loss_not_cross_entropy, smoothed, smoothing_window, value_at
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -200,10 +200,10 @@ def loss_divergence(run: Run, t: Thresholds) -> list[Finding]:
     n = len(loss)
     if n < t.trend_min_points:
         return []
-    sm = smoothed(loss, t.smooth_fraction)
     k = max(int(math.ceil(n * t.divergence_tail_fraction)), t.divergence_min_tail_points)
-    if k >= n:
+    if k >= n or _tail_cannot_diverge(loss.to_numpy(), k, t):
         return []
+    sm = smoothed(loss, t.smooth_fraction)
     head, tail = sm.iloc[: n - k], sm.iloc[n - k:]
     vmin = float(head.min())
     smin = int(head.idxmin())
@@ -239,6 +239,23 @@ def loss_divergence(run: Run, t: Thresholds) -> list[Finding]:
         f"Loss diverges: it climbs from {fmt(vmin)} (step {smin}) to {fmt(loss.iloc[-1])} and does not recover",
         evidence=ev, fix_detail=f"Here the loss minimum is at step {smin}.",
         steps=(smin, int(loss.index[-1])), metrics=("loss",))]
+
+
+def _tail_cannot_diverge(v, k: int, t: Thresholds) -> bool:
+    """True when bounds show that HD402 cannot fire, without the rolling median of the whole curve: every
+    smoothed point of the head is at least the minimum of the raw points its windows cover, a smoothed point of
+    the tail at most the maximum of its window. When some tail window's maximum is within divergence_factor x
+    that minimum (or rises less than divergence_min_rise above it), the smoothed tail does not stay above the
+    limit: what a healthy run shows, decided in O(n). False means only "compute it"."""
+    n, f = len(v), t.divergence_factor
+    if not 1 <= k < n or not isinstance(f, (int, float)) or not 0 <= f < math.inf:
+        return False
+    w = smoothing_window(n, t.smooth_fraction)
+    low = float(v[: min(n, n - k + (w - 1) // 2)].min())  # the head's windows end (w - 1) // 2 after it
+    high = float(centred_max(v, w, n - k).min())
+    if not high < 1e300:  # (a + b) / 2 of two middle values could overflow where max does not
+        return False
+    return high <= f * low or high - low < t.divergence_min_rise
 
 
 # ---- HD404 / HD409: the loss stops improving -----------------------------------------------------

@@ -14,7 +14,7 @@ from ..config import Thresholds
 from ..diagnosis import Finding, Severity
 from ..run.model import Run, pick_source
 from . import check, finding
-from ._util import finite, fmt, loss_not_cross_entropy, smoothed, value_at
+from ._util import finite, fmt, loss_not_cross_entropy, smoothed_at
 from ..hf_args import best_metric_name
 
 # eval_* keys that measure the evaluation itself, not the model's quality
@@ -129,10 +129,13 @@ def _judge_train_loss(run: Run, t: Thresholds, r: _Rise) -> None:
     tl = finite(run.series("loss"))
     if loss_not_cross_entropy(run) is not None or len(tl) < 2:
         return
-    sm = smoothed(tl, t.smooth_fraction) if len(tl) >= t.trend_min_points else tl
-    at = value_at(sm, r.smin)
-    end = (int(sm.index[-1]), float(sm.iloc[-1]))
-    if at is not None and at[0] < end[0]:
+    # the smoothed curve (smoothed(tl, t.smooth_fraction)) is read at two points: compute only those
+    i = max(int(tl.index.searchsorted(r.smin, side="right")) - 1, 0)  # value_at's point
+    ends = smoothed_at(tl, t.smooth_fraction, [i, len(tl) - 1]) if len(tl) >= t.trend_min_points \
+        else tl.to_numpy(dtype="float64")[[i, len(tl) - 1]]
+    at = (int(tl.index[i]), float(ends[0]))
+    end = (int(tl.index[-1]), float(ends[1]))
+    if at[0] < end[0]:
         r.train_falls = end[1] < at[1] * (1 - t.plateau_min_improvement)
         r.evidence.append(f"smoothed train loss {fmt(at[1])} at step {at[0]} -> {fmt(end[1])} at step {end[0]} "
                           + ("(still falling)" if r.train_falls else "(not falling)"))

@@ -62,52 +62,102 @@ def _session_restarts(where: str, metric: str, steps: np.ndarray, segs: np.ndarr
     return out
 
 
-def _file_metric(counts: pd.Series) -> str | None:
-    """The series that traces a file's sessions: the train loss, else its most logged metric (not epoch,
-    which train and eval entries both log at the same step)."""
-    counts = counts[(counts.index != "epoch") & (counts > 0)]
-    if counts.empty:
-        return None
-    return "loss" if "loss" in counts.index else str(counts.sort_values(ascending=False, kind="stable").index[0])
-
-
-def _restarts(run: Run) -> list[_Restart]:
+def _restarts(run: Run) -> tuple[_Restart, ...]:
     """Every place where the logged steps go back: within each file (a ``segment`` boundary set by the
     reader, or a step lower than the one before it in reading order), and for the train loss from one
-    file to the next of the same source (a resumed run usually writes a new event file)."""
-    df = run.scalars
-    if df.empty:
+    file to the next of the same source (a resumed run usually writes a new event file). Computed once per
+    Run (HD701 and HD705 both read it), in a few linear passes over numpy arrays of the scalars."""
+    return run.cached(("resume._restarts",), lambda: tuple(_compute_restarts(run)))
+
+
+def _grouped(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, bounds, first): a stable sort of ``keys`` (0..n_keys-1), each key's slice ``order[bounds[k]:
+    bounds[k + 1]]`` (its positions, ascending) and its first position (``len(keys)`` when absent)."""
+    order = np.argsort(keys.astype(_small(n_keys), copy=False), kind="stable")
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n_keys))))
+    first = np.full(n_keys, len(keys), dtype=np.int64)
+    has = bounds[1:] > bounds[:-1]
+    first[has] = order[bounds[:-1][has]]
+    return order, bounds, first
+
+
+def _small(n: int):
+    """The integer type numpy sorts fastest (radix sort up to 16 bits) that holds 0..n."""
+    return np.int16 if n < np.iinfo(np.int16).max else np.int64
+
+
+def _compute_restarts(run: Run) -> list[_Restart]:
+    if run.scalars.empty:
         return []
-    groups = df.groupby(["file", "metric"], sort=False, observed=True).indices  # positions, in reading order
-    by_file: dict = {}
-    for (file, metric), pos in groups.items():
-        by_file.setdefault(file, {})[metric] = pos
-    step_col = df["step"].to_numpy()
-    seg_col = df["segment"].to_numpy() if "segment" in df.columns else np.zeros(len(df), dtype=np.int64)
+    fc, files = run.codes("file")
+    mc, metrics = run.codes("metric")
+    nf = len(files)
+    # the rows a groupby by (file, metric) keeps: both known
+    known = None if (fc >= 0).all() and (mc >= 0).all() else np.flatnonzero((fc >= 0) & (mc >= 0))
+    fck = fc if known is None else fc[known]
+    if not len(fck):
+        return []
+    # files in the order of their first row: the first row of each run of equal file codes, then per file
+    starts = np.flatnonzero(np.concatenate(([True], fck[1:] != fck[:-1])))
+    _o, _b, first_run = _grouped(fck[starts], nf)
+    first_row = np.where(first_run < len(starts), starts[np.minimum(first_run, len(starts) - 1)], len(fck))
+    names = [str(m) for m in metrics]
+    counts = {}  # metric code -> points per file
+    for m, name in enumerate(metrics):
+        pos = run.positions(name)
+        if len(pos):
+            f = fc[pos]
+            counts[m] = np.bincount(f[f >= 0], minlength=nf)
+    step_col = run.column("step")
+    seg_col = run.column("segment")
+    by_metric: dict[int, tuple] = {}  # metric code -> its rows grouped by file (one stable sort per metric)
+
+    def rows_of(m: int) -> tuple:
+        if m not in by_metric:
+            pos = run.positions(metrics[m])
+            pos = pos[fc[pos] >= 0]
+            by_metric[m] = (pos,) + _grouped(fc[pos], nf)
+        return by_metric[m]
+
     out: list[_Restart] = []
-    for file, metrics in by_file.items():
-        metric = _file_metric(pd.Series({m: len(p) for m, p in metrics.items()}))
-        if metric is not None:
-            pos = metrics[metric]
-            out += _session_restarts(str(file), metric, step_col[pos], seg_col[pos])
-    out += _cross_file_restarts(df)
+    for f in sorted((f for f in range(nf) if first_row[f] < len(fck)), key=lambda f: first_row[f]):
+        present = {m: int(c[f]) for m, c in counts.items() if c[f] > 0 and names[m] != "epoch"}
+        if not present:
+            continue
+        m = next((k for k in present if names[k] == "loss"), None)
+        if m is None:  # the most logged; on a tie the one this file logged first
+            top = max(present.values())
+            tied = [k for k, c in present.items() if c == top]
+            m = tied[0] if len(tied) == 1 else min(tied, key=lambda k: rows_of(k)[0][rows_of(k)[3][f]])
+        pos, order, bounds, _first = rows_of(m)
+        rows = pos[order[bounds[f]:bounds[f + 1]]]
+        out += _session_restarts(str(files[f]), names[m], step_col[rows], seg_col[rows])
+    out += _cross_file_restarts(run)
     return out
 
 
-def _cross_file_restarts(df: pd.DataFrame) -> list[_Restart]:
+def _cross_file_restarts(run: Run) -> list[_Restart]:
     """A later file of one source whose train-loss steps start at or below the last step of the file read
     before it."""
-    tl = df[df["metric"] == "loss"]
-    if tl.empty:
+    pos = run.positions("loss")
+    if not len(pos):
         return []
-    steps = tl["step"].to_numpy()
-    groups = tl.groupby(["source", "file"], sort=False, observed=True).indices
+    fc, files = run.codes("file")
+    sc, sources = run.codes("source")
+    f, s = fc[pos], sc[pos]
+    ok = (f >= 0) & (s >= 0)
+    if not ok.all():
+        pos, f, s = pos[ok], f[ok], s[ok]
+    nf = len(files)
+    key = s.astype(np.int64) * nf + f
+    order, bounds, first = _grouped(key, len(sources) * nf)
+    steps = run.column("step")[pos]
     by_source: dict = {}
-    for (source, file), pos in sorted(groups.items(), key=lambda kv: kv[1][0]):  # files in reading order
-        by_source.setdefault(source, []).append((file, steps[pos]))
+    for k in sorted(np.flatnonzero(bounds[1:] > bounds[:-1]), key=lambda k: first[k]):  # files in reading order
+        by_source.setdefault(int(k) // nf, []).append((files[int(k) % nf], steps[order[bounds[k]:bounds[k + 1]]]))
     out = []
-    for files in by_source.values():
-        for (a, sa), (b, sb) in zip(files, files[1:]):
+    for files_of in by_source.values():
+        for (a, sa), (b, sb) in zip(files_of, files_of[1:]):
             if sb.min() <= sa.max():
                 out.append(_Restart(f"{_name(a)} -> {_name(b)}", "loss", int(sa.max()), int(sb.min()),
                                     int(np.isin(sb, sa).sum()), bool(sb.min() <= sa.min())))

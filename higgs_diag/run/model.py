@@ -172,6 +172,7 @@ class _ScalarIndex:
         self._columns: dict[str, np.ndarray] = {}
         self._codes: dict[str, tuple[np.ndarray, list]] = {}
         self._chosen: dict[str, np.ndarray] = {}
+        self.derived: dict = {}  # Run.cached
         self.positions: dict = {}
         if len(frame):
             codes, names = self.codes("metric")
@@ -183,7 +184,11 @@ class _ScalarIndex:
             if name not in self.frame.columns and name == "segment":
                 col = np.zeros(len(self.frame), dtype=np.int64)
             else:
-                col = self.frame[name].to_numpy(dtype=np.int64 if name in _INT_COLUMNS else np.float64)
+                col = self.frame[name].to_numpy()
+                if name in _INT_COLUMNS:  # kept in the frame's integer type (int32 steps: no copy)
+                    col = col if col.dtype.kind in "iu" else col.astype(np.int64)
+                else:
+                    col = col.astype(np.float64, copy=False)
             self._columns[name] = col
         return col
 
@@ -281,8 +286,9 @@ class Run:
         return not self.series(metric).empty
 
     def column(self, name: str) -> np.ndarray:
-        """A scalars column as a numpy array (``step`` and ``segment`` int64, ``value`` and ``wall_time``
-        float64; a missing ``segment`` column reads as zeros), built once."""
+        """A scalars column as a numpy array, built once: ``step`` and ``segment`` in the frame's integer type
+        (int32 or int64 steps: widen before subtracting far-apart steps), ``value`` and ``wall_time`` float64; a
+        missing ``segment`` column reads as zeros."""
         return self._index().column(name)
 
     def codes(self, name: str) -> tuple[np.ndarray, list]:
@@ -308,7 +314,7 @@ class Run:
         if s is not None:
             return s
         pos = idx.chosen(metric)
-        steps = idx.column("step")[pos]
+        steps = idx.column("step")[pos].astype(np.int64, copy=False)
         if len(steps) > 1 and not (steps[1:] > steps[:-1]).all():
             # keep the last occurrence (in reading order) of each step, sorted by step
             order = np.argsort(steps, kind="stable")
@@ -326,6 +332,20 @@ class Run:
     def all_steps(self, metric: str) -> np.ndarray:
         """Every step at which ``metric`` was logged, in any source (duplicates kept)."""
         return self.column("step")[self.positions(metric)]
+
+    def cached(self, key, compute):
+        """``compute()``, computed once per Run and ``key`` (a hashable tuple naming the helper and its
+        parameters), so that rules sharing a derived result (restart points, spikes) compute it once; dropped
+        with the index when ``scalars`` is replaced. Unhashable keys are computed every time."""
+        idx = self._index()
+        try:
+            return idx.derived[key]
+        except KeyError:
+            pass
+        except TypeError:
+            return compute()
+        value = idx.derived[key] = compute()
+        return value
 
     def arg(self, name: str, default: Any = None) -> Any:
         if self.args and name in self.args:
