@@ -31,12 +31,14 @@ the whole process; peak RSS = the largest process, from os.wait4):
   torchrun  12 batches of the 344M model: `torchrun --standalone --nproc_per_node 2 -m higgs_diag.cli
             replay-batch ...` (the files split across the ranks, gathered, one report) with 1 thread per process,
             against 1 process with 2 threads (the same 2 cores), and 1 process with 1 thread (for scale)
-No GPU on the development machine: `--device cuda` (and torchrun's `cuda:LOCAL_RANK`) is not measured here.
+`--device cuda` (torchrun ranks on `cuda:LOCAL_RANK`) runs the throughput and torchrun parts on GPUs; the
+development machine has none, so the numbers in docs/performance.md are CPU only.
 
 Targets (benchmarks/_targets.py): overhead of the checks over a bare forward < 10 %; peak RSS with 12 batches
 <= 1.05 x with 1 batch; torchrun 2 processes >= 1.5 x the batches/s of 1 process.
 
 Usage: python benchmarks/bench_replay.py [--regenerate] [--threads 2] [--only overhead,throughput,torchrun]
+                                        [--rounds 1] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -257,13 +259,16 @@ def prepare_copies() -> None:
                 os.link(f, BATCHES_12 / f"{f.stem}-{i}.pt")
 
 
+DEVICE = "cpu"  # --device: what the throughput and torchrun parts pass to replay-batch
+
+
 def run_cli(ckpt: Path, batches: list[Path], threads: int, nproc: int = 1) -> dict:
     """One `higgs-diag replay-batch` process (under torchrun with ``nproc`` > 1): its report's replay numbers,
     wall seconds and the peak RSS of its largest process."""
     import tempfile
 
     args = ["replay-batch", str(ckpt), *map(str, batches), "--format", "json", "--fail-on", "never",
-            "--device", "cpu"]
+            "--device", DEVICE]
     if nproc > 1:
         argv = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc),
                 "-m", "higgs_diag.cli", *args]
@@ -303,9 +308,9 @@ def throughput(threads: int) -> None:
     prepare_copies()
     import torch
 
-    print(f"\nthroughput, fresh `higgs-diag replay-batch ... --format json --device cpu` processes "
+    print(f"\nthroughput, fresh `higgs-diag replay-batch ... --format json --device {DEVICE}` processes "
           f"(cores available {len(os.sched_getaffinity(0))}; GPU: "
-          f"{'yes' if torch.cuda.is_available() else 'none here, --device cuda not measured'})")
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none here, --device cuda not measured'})")
     print(f"  {'':44} {'n':>4} {'batch/s':>9} {'batches s':>9} {'load s':>7} {'wall s':>8} {'peak MB':>9}")
     from safetensors import safe_open
 
@@ -355,6 +360,8 @@ def main(argv=None) -> int:
     ap.add_argument("--child", choices=["paired", "bare", "replay"])
     ap.add_argument("--only", default="overhead,throughput,torchrun", help="which parts to run")
     ap.add_argument("--rounds", type=int, default=1, help="torchrun comparison rounds (default 1)")
+    ap.add_argument("--device", default="cpu", help="throughput/torchrun parts: cpu (default) or cuda (each "
+                                                    "torchrun rank then uses cuda:LOCAL_RANK)")
     a = ap.parse_args(argv)
     if a.child:
         import torch
@@ -367,6 +374,8 @@ def main(argv=None) -> int:
         generate()
     params = int((DATA / "params.txt").read_text())
     only = set(a.only.split(","))
+    global DEVICE
+    DEVICE = a.device
     if "overhead" in only:
         overhead(a.threads, params)
     if "throughput" in only:
