@@ -14,7 +14,7 @@ peak RSS per point read), the targets (benchmarks/_targets.py) and draws docs/im
 Targets: time linear in the points (s per million points at the largest size within 1.3x of 1x's); issue #10:
 the whole analyze of the 1 GiB event file alone and of the 200 MiB state file alone each peak under 1 GB.
 
-Usage: python benchmarks/bench_growth.py [--sizes 1,4,16] [--no-cases] [--regenerate] [--plot PATH]
+Usage: python benchmarks/bench_growth.py [--sizes 1,4,16] [--no-cases] [--regenerate] [--plot PATH] [--replot]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from _targets import target  # noqa: E402
 
 DATA = ref.DATA / "growth"
 PLOT = REPO / "docs" / "img" / "growth.png"
+RESULTS = DATA / "results.json"  # the last run's rows (--replot draws from them)
 EVENT_1GIB_STEPS = 3_270_000  # an event file of 1.0010 GiB
 STATE_200MIB_STEPS = 819_400  # a trainer_state.json of about 200 MiB
 LINEAR_SLACK = 1.3  # s per million points at the largest size / at 1x
@@ -79,19 +80,21 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     grow = [r for r in rows if r["scale"] and isinstance(r["points"], int)]
     other = [r for r in rows if not r["scale"] and isinstance(r["points"], int)]
-    for ax, key, label in ((ax1, "wall", "wall s (fresh process)"), (ax2, "rss_mb", "peak RSS MB")):
+    for ax, key, label in ((ax1, "wall", "wall s (fresh process)"), (ax2, "rss_mb", "peak RSS MiB")):
         if grow:
             x = [r["points"] / 1e6 for r in grow]
             ax.plot(x, [r[key] for r in grow], "o-", label="reference run 1x, 4x, 16x")
             for r, xi in zip(grow, x):
-                ax.annotate(r["name"], (xi, r[key]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+                note = "" if r["points"] == r["written"] else f" (read {r['points'] / r['written']:.0%} of the points)"
+                ax.annotate(r["name"] + note, (xi, r[key]), textcoords="offset points", xytext=(4, -10), fontsize=8)
             if key == "wall":
                 per = grow[0]["wall"] / x[0]
                 ax.plot([0, max(x)], [0, per * max(x)], ":", color="grey", label="linear from 1x")
         for r, mk in zip(other, "s^"):
             ax.plot([r["points"] / 1e6], [r[key]], mk, label=r["name"])
         if key == "rss_mb":
-            ax.axhline(CASE_RSS_GOAL_MB, color="red", lw=0.8, ls="--", label="1 GB (issue #10 cases)")
+            ax.axhline(CASE_RSS_GOAL_MB * 1e6 / 2 ** 20, color="red", lw=0.8, ls="--",
+                       label="1 GB = 10^9 bytes (issue #10 cases)")
         ax.set_xlabel("scalar points read (millions)")
         ax.set_ylabel(label)
         ax.set_xlim(left=0)
@@ -111,11 +114,15 @@ def main() -> int:
     ap.add_argument("--no-cases", action="store_true", help="skip issue #10's 1 GiB event / 200 MiB state runs")
     ap.add_argument("--regenerate", action="store_true")
     ap.add_argument("--plot", default=str(PLOT))
+    ap.add_argument("--replot", action="store_true", help="draw the plot from the last run's results, run nothing")
     ap.add_argument("--generate-one", nargs=4, help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.generate_one:
         d, steps, state, events = opts.generate_one
         ref.generate_run(Path(d), int(steps), state=state == "1", events=events == "1", force=opts.regenerate)
+        return 0
+    if opts.replot:
+        _plot(json.loads(RESULTS.read_text()), Path(opts.plot))
         return 0
     sizes = sorted({int(s) for s in opts.sizes.split(",") if s.strip()})
     DATA.mkdir(parents=True, exist_ok=True)
@@ -169,6 +176,8 @@ def main() -> int:
                f"< {CASE_RSS_GOAL_MB:.0f} MB", ok and r["rss_mb"] * 1.048576 < CASE_RSS_GOAL_MB,
                f"{r['written']:,} points, {r['wall']:.1f} s" + ("" if ok else f"; exit {r['rc']}, "
                                                                 f"points read {r['points']}"))
+    RESULTS.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("stdout", "stderr")} for r in rows],
+                                  default=str))
     if opts.plot and rows:
         _plot(rows, Path(opts.plot))
         print(f"plot: {opts.plot}", file=sys.stderr)
