@@ -60,11 +60,11 @@ def main() -> None:
         pr.disable()
         pstats.Stats(pr).sort_stats("cumulative").print_stats(r"checks|collapse|model\.py", 40)
         return
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     first = run_checks(fresh(run))
-    t_first = time.perf_counter() - t0
+    t_first, c_first = time.perf_counter() - t0, time.process_time() - c0
     if a.child:
-        print(f"CHILD {t_first:.6f}")
+        print(f"CHILD {t_first:.6f} {c_first:.6f}")
         return
     times = []
     for _ in range(a.repeat):
@@ -77,15 +77,18 @@ def main() -> None:
     warm = statistics.median(times)
     print(f"in this process: first call {t_first:.3f} s; then median of {a.repeat} {warm:.3f} s "
           f"(min {min(times):.3f}, max {max(times):.3f}); {len(first)} findings", flush=True)
-    cold = []
+    cold, cpu = [], []
     for _ in range(a.repeat):
         out = subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True, check=True).stdout
-        cold.append(float(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("CHILD "))))
-    med = statistics.median(cold)
-    print(f"first call in a fresh process (what analyze pays): median of {a.repeat} {med:.3f} s "
-          f"(min {min(cold):.3f}, max {max(cold):.3f})", flush=True)
+        line = next(ln.split() for ln in out.splitlines() if ln.startswith("CHILD "))
+        cold.append(float(line[1]))
+        cpu.append(float(line[2]))
+    med, med_cpu = statistics.median(cold), statistics.median(cpu)
+    print(f"first call in a fresh process (what analyze pays): median of {a.repeat} {med:.3f} s wall "
+          f"(min {min(cold):.3f}, max {max(cold):.3f}), {med_cpu:.3f} s CPU (min {min(cpu):.3f})", flush=True)
+    # the verdict is on wall time; on a shared machine the CPU time says what the checks themselves cost
     target("checks: run_checks on the reference run", f"{med:.3f} s", f"<= {GOAL_S} s", med <= GOAL_S,
-           note=f"first call in a fresh process, median of {a.repeat}; warm {warm:.3f} s")
+           note=f"first call in a fresh process, median of {a.repeat}; CPU {med_cpu:.3f} s; warm {warm:.3f} s")
 
 
 if __name__ == "__main__":

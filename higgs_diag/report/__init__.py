@@ -15,8 +15,18 @@ from ._common import atomic_write
 from .html import render_html
 from .json_report import render_json
 from .markdown import render_markdown
-from .plots import PLOT_NAMES, decimate, make_plots
 from .text import render_text, should_color
+
+# plots (numpy, and matplotlib when drawing) are imported when a plot is made, not with the package: the CLI
+# imports report helpers for every command (`higgs-diag --help`, `explain`, `checks` need no numpy)
+_LAZY = {"PLOT_NAMES", "decimate", "make_plots"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import plots
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["render", "write_reports", "render_text", "render_markdown", "render_json", "render_html",
            "make_plots", "decimate", "should_color", "FORMATS"]
@@ -35,6 +45,7 @@ def write_reports(diag: Diagnosis, out_dir: Path | str) -> dict[str, Path]:
     written: dict[str, Path] = {}
     plots: dict[str, Path] = {}
     if diag.run is not None:
+        from .plots import PLOT_NAMES, make_plots
         plot_dir = out_dir / "plots"
         plots = make_plots(diag, plot_dir)
         for name in PLOT_NAMES:  # a stale plot from a previous report would contradict this one
@@ -64,5 +75,6 @@ def render(diag: Diagnosis, fmt: str = "text", color: bool = False) -> str:
         if diag.run is None:
             return render_html(diag)
         with tempfile.TemporaryDirectory(prefix="higgs-diag-plots-") as tmp:
+            from .plots import make_plots
             return render_html(diag, make_plots(diag, Path(tmp)))
     raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")

@@ -235,6 +235,13 @@ def _categorical(col) -> bool:
 
 def _group_positions(codes: np.ndarray, names: list) -> dict:
     """{name: the ascending row positions whose code is that name's}, for the names that occur (-1: none)."""
+    if len(names) <= 16:  # a few names (the usual run): one comparison pass per name beats a sort
+        out = {}
+        for k, name in enumerate(names):
+            pos = np.flatnonzero(codes == k)
+            if len(pos):
+                out[name] = np.sort(np.concatenate((out[name], pos))) if name in out else pos
+        return out
     c = codes.astype(np.int16 if len(names) < 32000 else np.int64) + 1
     order = np.argsort(c, kind="stable")
     bounds = np.concatenate(([0], np.cumsum(np.bincount(c, minlength=len(names) + 1))))
