@@ -117,7 +117,8 @@ def collapse_levels(steps: Iterable[int], values: Iterable[float], *, warning: f
 
 
 def collapse_levels_array(steps: Iterable[int], values: Iterable[float], *, warning: float, critical: float,
-                          window: int, recovery_steps: int = DEFAULT_RECOVERY_STEPS) -> tuple[np.ndarray, CollapseTracker]:
+                          window: int, recovery_steps: int = DEFAULT_RECOVERY_STEPS
+                          ) -> tuple[np.ndarray, CollapseTracker]:
     """:func:`collapse_levels` with the levels as an int64 array.
 
     Linear in the number of points whatever their order: the episodes are found by chaining "next point below
@@ -128,11 +129,7 @@ def collapse_levels_array(steps: Iterable[int], values: Iterable[float], *, warn
     values = values if hasattr(values, "__len__") else list(values)
     st, v = _as_arrays(steps, values)
     if st is None:  # not plain integer steps and float values: the tracker itself, one point at a time
-        out = []
-        for s, x in zip(steps, values):
-            tr.update(int(s), float(x))
-            out.append(tr.level)
-        return np.asarray(out, dtype=np.int64), tr
+        return _one_at_a_time(tr, steps, values)
     n = len(st)
     levels = np.zeros(n, dtype=np.int64)
     valid = np.flatnonzero(np.isfinite(v) & (v != 0.0))  # the others change nothing (update returns early)
@@ -142,6 +139,9 @@ def collapse_levels_array(steps: Iterable[int], values: Iterable[float], *, warn
     if m == 0 or not L.any():
         return levels, tr
     ok = L == OK
+    if int(np.count_nonzero(~ok[1:] & ok[:-1])) > 256 + m // 64:
+        # thousands of short dips (at most one episode each): numpy per episode would cost more than the loop
+        return _one_at_a_time(tr, st, v)
     # the first point of the stretch back above the warning level that each point belongs to
     run_start = np.where(ok & ~np.concatenate(([False], ok[:-1])), np.arange(m), 0)
     run_start = np.maximum.accumulate(run_start)
@@ -187,6 +187,14 @@ def collapse_levels_array(steps: Iterable[int], values: Iterable[float], *, warn
         last = np.maximum.accumulate(last)
         levels = np.concatenate(([OK], lv))[last]
     return levels, tr
+
+
+def _one_at_a_time(tr: CollapseTracker, steps, values) -> tuple[np.ndarray, CollapseTracker]:
+    out = []
+    for s, x in zip(steps, values):
+        tr.update(int(s), float(x))
+        out.append(tr.level)
+    return np.asarray(out, dtype=np.int64), tr
 
 
 def _event(kind: str, step, value, tr: CollapseTracker, start) -> CollapseEvent:

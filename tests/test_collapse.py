@@ -77,3 +77,22 @@ def test_a_long_collapse_is_linear_and_one_episode():
     levels, tr = collapse_levels_array(steps, v, warning=0.01, critical=0.005, window=100)
     assert [e.kind for e in tr.events] == ["critical", "sustained"]
     assert levels[-1] == 3 and tr.below_since == 2
+
+
+@pytest.mark.parametrize("kind", ["numpy", "many-dips"])
+def test_both_paths_equal_the_tracker_on_long_series(kind):
+    """A few long episodes go through numpy per episode; thousands of short dips through the tracker itself."""
+    rng = np.random.default_rng(7)
+    n = 30_000
+    steps = np.arange(1, n + 1) * (100 if kind == "many-dips" else 1)  # 100-step gaps: one point recovers
+    v = np.full(n, 3.0)
+    if kind == "many-dips":
+        v[::2] = 0.004
+    else:
+        for a in rng.integers(0, n - 500, size=20):
+            v[a: a + rng.integers(5, 400)] = rng.choice([0.004, 0.008])
+    v[rng.random(n) < 0.01] = np.nan
+    kw = dict(warning=0.01, critical=0.005, window=100, recovery_steps=10)
+    want, tr_loop = _loop(steps, v, **kw)
+    got, tr = collapse_levels(steps, v, **kw)
+    assert got == want and _state(tr) == _state(tr_loop)

@@ -48,8 +48,15 @@ def loss_not_cross_entropy(run) -> str | None:
     """Why the logged ``loss`` is not a cross-entropy whose rises and falls mean something, or None.
 
     Preference/RL trainers (keys such as ``rewards/chosen``, ``logps/rejected``, ``kl``) log an
-    objective that can be negative and need not fall; a negative loss value says the same.
+    objective that can be negative and need not fall; a negative loss value says the same. Computed once per
+    Run (a dozen rules ask).
     """
+    if not hasattr(run, "cached"):  # a stand-in for a Run
+        return _loss_not_cross_entropy(run)
+    return run.cached(("_util.loss_not_cross_entropy",), lambda: _loss_not_cross_entropy(run))
+
+
+def _loss_not_cross_entropy(run) -> str | None:
     keys = [m for m in run.metrics if any(m.startswith(p) for p in _NON_CE_KEY_PREFIXES)]
     if keys:
         return f"preference/RL objective (logged keys such as {', '.join(keys[:3])})"

@@ -12,7 +12,7 @@ import pandas as pd
 from .. import layout
 from ..config import Thresholds
 from ..diagnosis import Finding, Severity
-from ..run.model import Run, pick_source
+from ..run.model import Run
 from . import check, finding
 from ._util import finite, fmt, loss_not_cross_entropy, smoothed_at
 from ..hf_args import best_metric_name
@@ -29,20 +29,21 @@ def _last_session(run: Run, metric: str) -> tuple[pd.Series, int]:
     reading order (one logging dir holding several runs or sessions), and how many points were left out.
     Sparse series such as evaluations from separate runs cannot be merged by step into one curve."""
     s = run.series(metric)
-    df = run.scalars
-    if s.empty or df.empty:
+    if s.empty:
         return s, 0
-    sub = df[df["metric"] == metric]
-    counts = sub.groupby("source", observed=True)["step"].size()
-    best = pick_source(counts[counts > 0])  # the source run.series reads
-    sub = sub[sub["source"] == best]
-    back = np.flatnonzero(np.diff(sub["step"].to_numpy()) < 0)
+    pos = run.source_positions(metric)  # the points run.series reads, in reading order
+    steps = run.column("step")[pos].astype(np.int64)
+    back = np.flatnonzero(np.diff(steps) < 0)
     if not len(back):
         return s, 0
-    keep = sub.iloc[int(back[-1]) + 1:]
-    keep = keep.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
-    out = pd.Series(keep["value"].to_numpy(dtype="float64"),
-                    index=pd.Index(keep["step"].to_numpy(dtype="int64"), name="step"), name=metric)
+    cut = int(back[-1]) + 1
+    keep, ks = pos[cut:], steps[cut:]
+    # the last point of each step (reading order), sorted by step, as run.series does
+    order = np.argsort(ks, kind="stable")
+    ss = ks[order]
+    last = np.append(ss[1:] != ss[:-1], True)
+    out = pd.Series(run.column("value")[keep[order[last]]], index=pd.Index(ss[last], dtype="int64", name="step"),
+                    name=metric)
     return out, int(len(s) - len(out))
 
 

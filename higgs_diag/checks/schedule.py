@@ -7,6 +7,7 @@ import math
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from ..config import Thresholds
@@ -77,11 +78,9 @@ def _zero_runs(lr: pd.Series) -> tuple[list[int], list[int], list[int]]:
     z = (lr == 0.0).to_numpy()
     steps = lr.index.to_numpy()
     n = len(z)
-    lead = 0
-    while lead < n and z[lead]:
-        lead += 1
-    leading = [int(s) for s in steps[:lead]]
-    rest = [int(steps[i]) for i in range(lead, n) if z[i]]
+    lead = n if z.all() else int(np.argmin(z))  # the first nonzero rate
+    leading = steps[:lead].tolist()
+    rest = steps[lead:][z[lead:]].tolist()
     benign_last: list[int] = []
     # a linear/cosine schedule logs exactly 0 at its last step: one final zero after a nonzero rate
     if rest and rest[-1] == int(steps[-1]) and n >= 2 and not z[n - 2]:
