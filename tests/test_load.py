@@ -171,7 +171,7 @@ def test_assemble_keeps_category_order_and_lets_parts_go():
 @pytest.fixture
 def always_concurrent(monkeypatch):
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
-    monkeypatch.delenv(load.SERIAL_READ_ENV, raising=False)
+    monkeypatch.setenv(load.READ_WORKER_ENV, "1")
     started = []
     orig = load._EventWorker.start.__func__
 
@@ -186,7 +186,7 @@ def always_concurrent(monkeypatch):
 
 def _serial(monkeypatch, root):
     with monkeypatch.context() as m:
-        m.setenv(load.SERIAL_READ_ENV, "1")
+        m.delenv(load.READ_WORKER_ENV, raising=False)
         return load.load_run(root)
 
 
@@ -237,14 +237,19 @@ def test_worker_failure_reads_again_here(tmp_path, monkeypatch, always_concurren
     assert calls and calls[-1] == os.getpid()  # raised here, after the child failed the same way
 
 
-def test_serial_when_small_or_alone(tmp_path, monkeypatch):
+def test_serial_by_default_when_small_or_alone(tmp_path, monkeypatch):
     root = _write_run(tmp_path / "r", list(range(1, 30)), log=False)
     started = []
     orig = load._EventWorker.start.__func__
     monkeypatch.setattr(load._EventWorker, "start",
                         classmethod(lambda cls, f, s: started.append(orig(cls, f, s)) or started[-1]))
+    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.delenv(load.READ_WORKER_ENV, raising=False)
+    load.load_run(root)  # not asked for
+    monkeypatch.setenv(load.READ_WORKER_ENV, "1")
+    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 1 << 20)
     load.load_run(root)  # files of a few KB: below CONCURRENT_MIN_BYTES
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
     (root / "trainer_state.json").unlink()
     load.load_run(root)  # only an event file: nothing to overlap
-    assert started == [None, None]
+    assert started == [None, None, None]

@@ -313,18 +313,21 @@ def _usable(run: Run) -> bool:
                 or progress)
 
 
-# ---- reading the event files in a second process ------------------------------------------------------------
+# ---- reading the event files in a second process (opt-in) ------------------------------------------------------
 # analyze spends most of its reading time in two files that do not depend on each other: the trainer_state.json
-# (json parsing, which holds the GIL) and the event file (numpy). With both present and large enough, the event
-# files are read in a forked child process while this one reads the state files; the child sends each
-# EventFileResult back through a pipe (pickle protocol 5, the numpy columns as out-of-band buffers received
-# straight into their final memory). Threads gain nothing here (measured: docs/performance.md, "The Run").
-# Whatever goes wrong in the child (a reader exception, a crash, a broken pipe) is never reported from there:
-# the files it did not deliver are read again in this process, so results and errors are exactly the serial
-# ones. Serial when fork is unavailable, when other Python threads run (a fork copies only this one), for
-# small files, or with HIGGS_DIAG_SERIAL_READ=1.
+# (json parsing, which holds the GIL) and the event file (numpy). With HIGGS_DIAG_READ_WORKER=1, both present and
+# large enough, the event files are read in a forked child process while this one reads the state files; the
+# child sends each EventFileResult back through a pipe (pickle protocol 5, the numpy columns as out-of-band
+# buffers received straight into their final memory). Whatever goes wrong in the child (a reader exception, a
+# crash, a broken pipe) is never reported from there: the files it did not deliver are read again in this
+# process, so results and errors are exactly the serial ones. Serial when fork is unavailable, when other Python
+# threads run (a fork copies only this one), or for small files.
+# Off by default: measured on the shared 2-core machine (docs/performance.md, "The Run") it was 1.07x the serial
+# wall time (the fork's copy-on-write faults and the transfer cost ~6% more CPU, and no core was idle); threads
+# were no faster either (json holds the GIL). It can only win with an idle core: benchmarks/bench_run_memory.py
+# measures both ways.
 CONCURRENT_MIN_BYTES = 4 * 1024 * 1024  # both the state files and the event files at least this big
-SERIAL_READ_ENV = "HIGGS_DIAG_SERIAL_READ"
+READ_WORKER_ENV = "HIGGS_DIAG_READ_WORKER"
 _HEAD = struct.Struct("<q")
 
 
@@ -336,7 +339,7 @@ class _EventWorker:
 
     @classmethod
     def start(cls, files: RunFiles, size) -> "_EventWorker | None":
-        if (not files.trainer_states or not files.event_files or os.environ.get(SERIAL_READ_ENV)
+        if (not files.trainer_states or not files.event_files or os.environ.get(READ_WORKER_ENV) != "1"
                 or not hasattr(os, "fork") or threading.active_count() > 1
                 or sum(map(size, files.trainer_states)) < CONCURRENT_MIN_BYTES
                 or sum(map(size, files.event_files)) < CONCURRENT_MIN_BYTES):
