@@ -331,7 +331,8 @@ def torchrun_split(rounds: int) -> None:
     prepare_copies()
     print(f"\ntorchrun split, 12 batches of the 344M model ({rounds} round(s), the three ways alternating)")
     print(f"  {'':44} {'n':>4} {'batch/s':>9} {'batches s':>9} {'load s':>7} {'wall s':>8} {'peak MB':>9}")
-    ways = (("2 processes (torchrun) x 1 thread", 1, 2), ("1 process x 2 threads", 2, 1), ("1 process x 1 thread", 1, 1))
+    ways = (("2 processes (torchrun) x 1 thread", 1, 2), ("1 process x 2 threads", 2, 1),
+            ("1 process x 1 thread", 1, 1))
     got: dict = {w[0]: [] for w in ways}
     for r in range(rounds):
         for label, threads, nproc in (ways if r % 2 == 0 else ways[::-1]):

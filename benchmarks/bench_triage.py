@@ -137,6 +137,7 @@ def _run(argv: list[str], env: dict | None = None) -> dict:
         fo.seek(0)
         fe.seek(0)
         return {"wall": wall, "rss_mb": ru.ru_maxrss / 1024.0, "rc": os.waitstatus_to_exitcode(status),
+                "cpu": ru.ru_utime + ru.ru_stime,  # the process and the workers it reaped
                 "stdout": fo.read().decode(errors="replace"), "stderr": fe.read().decode(errors="replace")}
 
 
@@ -211,15 +212,18 @@ def main(argv=None) -> int:
 
     med = lambda ms: statistics.median(m["wall"] for m in ms)  # noqa: E731
     speed = statistics.median(ratios)
-    print(f"\n{'':34} {'wall s (median)':>15} {'range':>15} {'peak RSS MB':>12} {'runs/s':>7}")
+    print(f"\n{'':34} {'wall s (median)':>15} {'range':>15} {'cpu s':>7} {'peak RSS MB':>12} {'runs/s':>7}")
     rows = [(f"--jobs {jobs} (parallel processes)", par), ("--jobs 1 (serial, one process)", ser)]
     if loop is not None:
         rows.append((f"shell loop of {len(runs)} processes", [loop]))
     for label, ms in rows:
         w = [m["wall"] for m in ms]
-        print(f"{label:34} {med(ms):15.2f} {f'{min(w):.2f}-{max(w):.2f}':>15} {max(m['rss_mb'] for m in ms):12.0f} "
-              f"{len(runs) / med(ms):7.1f}")
-    print("peak RSS: the largest single process (a worker or the parent), not the sum over the workers")
+        cpu = statistics.median(m["cpu"] for m in ms)
+        print(f"{label:34} {med(ms):15.2f} {f'{min(w):.2f}-{max(w):.2f}':>15} {cpu:7.2f} "
+              f"{max(m['rss_mb'] for m in ms):12.0f} {len(runs) / med(ms):7.1f}")
+    print("cpu s: user + system seconds of the process and its workers (median); cpu / wall far below the cores "
+          "used means other jobs had the cores.\npeak RSS: the largest single process (a worker or the parent), not "
+          "the sum over the workers")
     goal = 0.8 * n_cores
     target(f"many runs: --jobs {jobs} speed-up vs --jobs 1 ({n_cores} cores)", f"{speed:.2f}x",
            f">= {goal:.1f}x (0.8 x {n_cores} cores)", speed >= goal and ok_rc and same,

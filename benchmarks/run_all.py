@@ -1,9 +1,10 @@
 """Run every benchmark in turn and print one table of their targets (what `make bench` runs).
 
 Runs bench_analyze, bench_checks, bench_growth, bench_triage, bench_replay, bench_batch_validation, then any other
-benchmarks/bench_*.py except the by-hand bench_replay_release.py. Each benchmark runs in a fresh process, its output streamed as it comes; the ``TARGET|`` lines it prints
-(benchmarks/_targets.py) are collected and shown together at the end: target, measured, goal, verdict
-(met / MISSED / not run). A benchmark that is not there yet is listed as not run.
+benchmarks/bench_*.py except the by-hand bench_replay_release.py. Each benchmark runs in a fresh process, its
+output streamed as it comes; the ``TARGET|`` lines it prints (benchmarks/_targets.py) are collected and shown
+together at the end: target, measured, goal, verdict (met / MISSED / not run), then each benchmark's time and the
+total. A benchmark that is not there yet is listed as not run.
 
 Exit code: 0 when every benchmark ran to its end, even with targets missed (this is a report); 1 when a
 benchmark crashed (nonzero exit code) or could not start.
