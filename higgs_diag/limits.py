@@ -36,9 +36,24 @@ MAX_STEP = 10 ** 15
 MAX_CONFIG_NUMBER = 2 ** 63 - 1
 
 # ---- file sizes --------------------------------------------------------------------------------------------
-# trainer_state.json is parsed whole (json.loads keeps ~10 bytes of Python objects per byte of text): a larger
-# file is not read (a read problem says so). A 143k-step history with logging_steps=1 is 36 MB.
-MAX_STATE_FILE_BYTES = 512 * 1024 * 1024
+# trainer_state.json: a file of at most STATE_STREAM_ABOVE_BYTES is parsed whole (the parser keeps ~10 bytes of
+# Python objects per byte of text while the columns are built); a larger one is split at log_history entry
+# boundaries by a byte scan and parsed STATE_CHUNK_BYTES of entries at a time, each piece turned into columns
+# and freed, so memory grows with the points kept (24 bytes each), not with the file. A 143k-step history with
+# logging_steps=1 is 36 MB, parsed whole.
+STATE_STREAM_ABOVE_BYTES = 64 * 1024 * 1024
+STATE_CHUNK_BYTES = 8 * 1024 * 1024
+# A larger file is not read (a read problem says so): 16x the 600 MB a 2.3M-step run writes.
+MAX_STATE_FILE_BYTES = 16 * 1024 * 1024 * 1024
+# A file read in pieces whose structure is not a plain state (damaged, cut off, not an object with a
+# log_history list) is parsed whole if it has at most this many bytes, so its problems and the entries salvaged
+# are those of a small file; a larger one keeps the entries before the damage (or is not read when the damage is
+# outside log_history). What lies outside log_history (the other fields) may take STATE_MAX_REST_BYTES, and one
+# log_history entry STATE_MAX_ENTRY_BYTES (HF's are a few hundred bytes): beyond either, the structure is not a
+# plain state.
+MAX_STATE_WHOLE_PARSE_BYTES = 512 * 1024 * 1024
+STATE_MAX_REST_BYTES = 64 * 1024 * 1024
+STATE_MAX_ENTRY_BYTES = 64 * 1024 * 1024
 # A text summary (`args`, `model_config`) longer than this is ignored (HF's are a few KB).
 MAX_TEXT_SUMMARY_CHARS = 4 * 1024 * 1024
 # TensorBoard event files have no size limit: they are read in chunks of this many bytes, so memory grows with

@@ -235,7 +235,7 @@ def _read(path, files: RunFiles, tick, worker: "_EventWorker | None") -> Run:
         run.state = best.info
         if len(best.steps):
             parts.append({"step": np.asarray(best.steps, dtype="int64"),
-                          "metric": _categorical_metric(np.asarray(best.metrics, dtype=object)),
+                          "metric": _categorical_metric(best.metric_categorical()),
                           "value": np.asarray(best.values, dtype="float64"),
                           "wall_time": np.full(len(best.steps), np.nan),
                           "source": "trainer_state", "file": best.info.path})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import re
 
 import numpy as np
@@ -15,31 +14,20 @@ from pathlib import Path
 
 from .. import limits
 from .model import ReadProblem, TrainerStateInfo
+from .state_columns import KEY_ALIASES, is_out_of_range  # noqa: F401 (also what other readers import from here)
+from .state_columns import (NOT_FAST, _bounded, _Flat, _OutOfRange, _show, _to_float, _to_int, _too_deep, _TooDeep,
+                            fast_loads)
 
 # transformers sets num_train_epochs = sys.maxsize when max_steps is given and the dataset has no length
 HF_EPOCHS_UNKNOWN = 2 ** 63 - 1
 
 LFS_PREFIX = "version https://git-lfs.github.com/spec/"
-# Canonical names for keys some trainers log under another name.
-KEY_ALIASES = {"lr": "learning_rate", "train/loss": "loss", "eval/loss": "eval_loss"}
 _INT_FIELDS = ("global_step", "max_steps", "logging_steps", "eval_steps", "save_steps", "train_batch_size")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Bounded JSON: nesting, integer literals (higgs_diag.limits)
 # ------------------------------------------------------------------------------------------------------------
-class _OutOfRange:
-    """An integer literal with more than ``limits.MAX_INT_DIGITS`` digits: never converted to int."""
-
-    __slots__ = ("digits",)
-
-    def __init__(self, digits: int):
-        self.digits = digits
-
-    def __repr__(self) -> str:
-        return f"<a {self.digits}-digit integer>"
-
-
 def _parse_int(s: str):
     return int(s) if len(s) <= limits.MAX_INT_DIGITS else _OutOfRange(len(s))
 
@@ -138,10 +126,6 @@ def loads_bounded(text: str, raw: bytes | None = None):
         raise JSONLimitError("nested too deeply for the JSON parser", 0) from None
 
 
-def is_out_of_range(v) -> bool:
-    return isinstance(v, _OutOfRange)
-
-
 @dataclass
 class StateResult:
     info: TrainerStateInfo | None
@@ -154,39 +138,27 @@ class StateResult:
     out_of_range: list[str] = field(default_factory=list)  # what was out of the limits (a few examples)
     n_out_of_range: int = 0
     long_keys: int = 0  # log_history keys longer than limits.MAX_NAME_CHARS (their values are left out)
+    metric_codes: "np.ndarray | None" = None  # metrics as int32 codes into metric_names (what load_run uses)
+    metric_names: list[str] = field(default_factory=list)
+
+    def metric_categorical(self):
+        """``metrics`` as a pandas Categorical (categories sorted, as ``pd.Categorical(metrics)`` gives them),
+        built from the codes without hashing every name."""
+        import pandas as pd
+
+        if self.metric_codes is None:
+            return pd.Categorical(np.asarray(self.metrics, dtype=object))
+        names = np.asarray(self.metric_names, dtype=object)
+        used = np.flatnonzero(np.bincount(self.metric_codes, minlength=len(names)))
+        order = used[np.argsort(names[used].astype(str), kind="stable")]
+        remap = np.full(len(names), -1, dtype=np.int32)
+        remap[order] = np.arange(len(order), dtype=np.int32)
+        return pd.Categorical.from_codes(remap[self.metric_codes], categories=pd.Index(list(names[order]), dtype=object))
 
     def range_problem(self, what: str) -> None:
         self.n_out_of_range += 1
         if len(self.out_of_range) < 3:
             self.out_of_range.append(what)
-
-
-def _to_float(v) -> float | None:
-    """A number (or numeric string) as float; None for anything else, including integers out of range."""
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)):
-        try:
-            return float(v)
-        except OverflowError:
-            return None
-    if isinstance(v, str):
-        s = v.strip()
-        if len(s) > limits.MAX_NAME_CHARS:
-            return None
-        try:
-            return float(s)  # accepts "nan", "inf", "1e-5"
-        except ValueError:
-            return None
-    return None
-
-
-def _to_int(v) -> int | None:
-    """An integer field or step in [-MAX_STEP, MAX_STEP]; None otherwise (see :func:`_int_field`)."""
-    f = _to_float(v)
-    if f is None or not math.isfinite(f) or abs(f) > limits.MAX_STEP:
-        return None
-    return int(f)
 
 
 def _int_field(v, key: str, res: "StateResult") -> int | None:
@@ -197,44 +169,86 @@ def _int_field(v, key: str, res: "StateResult") -> int | None:
     return i
 
 
-def _show(v) -> str:
-    if is_out_of_range(v):
-        return repr(v)
-    f = _to_float(v)
-    if f is not None:
-        return f"{f:g}"
-    return type(v).__name__
-
-
-def read_trainer_state(path: str | Path) -> StateResult:
+def read_trainer_state(path: str | Path, *, chunk_bytes: int | None = None, stream_above: int | None = None,
+                       whole_limit: int | None = None) -> StateResult:
+    """One trainer_state.json. A file of at most ``stream_above`` bytes (``limits.STATE_STREAM_ABOVE_BYTES``) is
+    parsed whole; a larger one in pieces of about ``chunk_bytes`` (``limits.STATE_CHUNK_BYTES``) of log_history,
+    so memory grows with the points kept (``state_stream``). A large file whose structure is not a plain state
+    (damaged, cut off) is parsed whole when it has at most ``whole_limit`` bytes
+    (``limits.MAX_STATE_WHOLE_PARSE_BYTES``), so its problems read as a small file's."""
     p = Path(path)
     name = str(p)
     refusal = getattr(path, "refusal", None)  # a path discover would not read (see discover.Refused)
     if refusal is not None:
         return StateResult(None, problems=[refusal])
+    stream_above = limits.STATE_STREAM_ABOVE_BYTES if stream_above is None else stream_above
+    whole_limit = limits.MAX_STATE_WHOLE_PARSE_BYTES if whole_limit is None else whole_limit
     try:
-        fh, _size = limits.open_regular(p, limits.MAX_STATE_FILE_BYTES, "trainer_state.json")
+        fh, size = limits.open_regular(p, limits.MAX_STATE_FILE_BYTES, "trainer_state.json")
         with fh:
-            raw = limits.read_bounded(fh, limits.MAX_STATE_FILE_BYTES, "trainer_state.json")
+            if size > stream_above:
+                from .state_stream import read_streaming
+
+                res = read_streaming(fh, name, chunk_bytes or limits.STATE_CHUNK_BYTES, size <= whole_limit)
+                if res is not None:
+                    return res
+                fh.seek(0)
+            raw = _read_all(fh, size, max(whole_limit, stream_above))
     except limits.NotReadable as e:
         return StateResult(None, problems=[ReadProblem(name, str(e), kind="unreadable", fatal=True)])
     except OSError as e:
         return StateResult(None, problems=[ReadProblem(name, f"cannot read: {e.strerror or e}", fatal=True)])
-    if not raw.strip():
+    return _read_whole(raw, name)
+
+
+def _read_all(fh, size: int, limit: int) -> bytes:
+    """The file in one read when it holds the size fstat gave (no join copy; ``size`` is at most the streaming
+    threshold here), else in bounded pieces up to ``limit`` (a file that grows or shrinks while read)."""
+    first = fh.read(size + 1) if size < limit else b""
+    if len(first) == size:
+        return first
+    parts, total = [first], len(first)
+    while True:
+        chunk = fh.read(min(limits.READ_CHUNK_BYTES, limit + 1 - total))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise limits.NotReadable(f"more than {limit:,} bytes (the limit for a trainer_state.json, "
+                                     f"higgs_diag.limits): not read")
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _read_whole(raw: bytes, name: str) -> StateResult:
+    if not raw[:64].strip() and not raw.strip():
         return StateResult(None, problems=[ReadProblem(name, "empty file", kind="empty", fatal=True)])
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        return StateResult(None, problems=[ReadProblem(name, f"not UTF-8 text (byte {e.start})", offset=e.start,
-                                                       kind="unreadable", fatal=True)])
-    if text.startswith(LFS_PREFIX):
+    text = None
+    if not raw.isascii():
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            return StateResult(None, problems=[ReadProblem(name, f"not UTF-8 text (byte {e.start})", offset=e.start,
+                                                           kind="unreadable", fatal=True)])
+    if raw.startswith(_LFS) or (text is not None and text.startswith(LFS_PREFIX)):
+        text = raw.decode("utf-8-sig") if text is None else text
         size = re.search(r"^size (\d{1,20})", text, re.M)
         what = f" of a {size.group(1)}-byte file" if size else ""
         return StateResult(None, problems=[ReadProblem(
             name, f"a Git LFS pointer{what}, not JSON: run `git lfs pull` to fetch the real file",
             kind="lfs-pointer", fatal=True)])
-    if raw.startswith(b"\xef\xbb\xbf"):
+    if raw.startswith(_BOM):
         raw = raw[3:]
+    data = fast_loads(raw)
+    if data is not NOT_FAST:
+        try:
+            return state_result(data, name, [], fast=True)
+        except _TooDeep:  # nested over the limit: the exact path below says where
+            pass
+    data = None
+    text = raw.decode("ascii") if text is None else text
     problems: list[ReadProblem] = []
     try:
         data = loads_bounded(text, raw)
@@ -245,29 +259,59 @@ def read_trainer_state(path: str | Path) -> StateResult:
             return StateResult(None, problems=[ReadProblem(
                 name, f"not valid JSON ({why})" if isinstance(e, json.JSONDecodeError) else f"not read: {why}",
                 offset=e.pos, kind="unreadable", fatal=True)])
-        what = (f"cut off or corrupt JSON ({e.msg} at byte {e.pos})" if isinstance(e, json.JSONDecodeError)
-                else f"JSON {e.msg}")
-        problems.append(ReadProblem(
-            name, f"{what}; the {salvaged} log_history entries before it were used", offset=e.pos, kind="truncated"))
+        problems.append(salvage_problem(name, e, salvaged))
+    return state_result(data, name, problems, fast=False)
+
+
+_LFS = LFS_PREFIX.encode()
+
+
+def salvage_problem(name: str, e, salvaged: int) -> ReadProblem:
+    """The problem of a file whose entries before the damage at ``e.pos`` (a character offset) were used."""
+    what = (f"cut off or corrupt JSON ({e.msg} at byte {e.pos})" if isinstance(e, json.JSONDecodeError)
+            else f"JSON {e.msg}")
+    return ReadProblem(name, f"{what}; the {salvaged} log_history entries before it were used", offset=e.pos,
+                       kind="truncated")
+
+
+def state_result(data, name: str, problems: list[ReadProblem], fast: bool) -> StateResult:
+    """The result of a state parsed whole (``fast``: by :func:`fast_loads`; may raise :class:`_TooDeep`)."""
     if not isinstance(data, dict) or ("log_history" not in data and "global_step" not in data):
         what = type(data).__name__ if not isinstance(data, dict) else "an object without log_history/global_step"
-        if is_out_of_range(data):
+        if is_out_of_range(_bounded(data)):
             what = "a number"
+        if fast and _too_deep(data, 1):
+            raise _TooDeep
         return StateResult(None, problems=problems + [ReadProblem(
             name, f"not a HF Trainer state ({what})", kind="not-trainer-state", fatal=True)])
+    history = data.get("log_history")
+    if fast and any(_too_deep(v, 2) for k, v in data.items() if not (k == "log_history" and isinstance(v, list))):
+        raise _TooDeep
+    res = StateResult(TrainerStateInfo(path=name), problems=problems)
+    flat = _Flat(res, fast)
+    state_fields(data, res)
+    if not isinstance(history, list):
+        if history is not None:
+            res.problems.append(ReadProblem(name, "log_history is not a list", kind="unreadable"))
+        history = []
+    flat.add(history)
+    finish_state(res, flat, len(history))
+    return res
 
-    info = TrainerStateInfo(path=name)
-    res = StateResult(info, problems=problems)
+
+def state_fields(data: dict, res: StateResult) -> None:
+    """The scalar fields of a state (out-of-range values recorded, before the log_history's)."""
+    info = res.info
     for key in _INT_FIELDS:
-        setattr(info, key, _int_field(data.get(key), key, res))
-    nte = _to_float(data.get("num_train_epochs"))
+        setattr(info, key, _int_field(_bounded(data.get(key)), key, res))
+    nte = _to_float(_bounded(data.get("num_train_epochs")))
     if nte == float(HF_EPOCHS_UNKNOWN):
         nte = None  # HF's own sentinel (max_steps with a dataset of unknown length), not damage
     if nte is not None and not (math.isfinite(nte) and abs(nte) <= limits.MAX_STEP):
         res.range_problem(f"num_train_epochs {_show(nte)}")
         nte = None
     info.num_train_epochs = nte
-    info.best_metric = _best_metric(data.get("best_metric"), res)
+    info.best_metric = _best_metric(_bounded(data.get("best_metric")), res)
     bmc = data.get("best_model_checkpoint")
     if isinstance(bmc, str) and len(bmc) > limits.MAX_NAME_CHARS:
         res.range_problem(f"best_model_checkpoint ({len(bmc):,} characters)")
@@ -276,16 +320,15 @@ def read_trainer_state(path: str | Path) -> StateResult:
     hps = data.get("is_hyper_param_search")
     info.is_hyper_param_search = hps if isinstance(hps, bool) else None
 
-    history = data.get("log_history")
-    if not isinstance(history, list):
-        if history is not None:
-            res.problems.append(ReadProblem(name, "log_history is not a list", kind="unreadable"))
-        history = []
-    if not history:
+
+def finish_state(res: StateResult, flat: "_Flat", n_entries: int) -> None:
+    """The columns and the problems that sum up the log_history (after every piece was added)."""
+    name = res.info.path
+    if not n_entries:
         res.problems.append(ReadProblem(name, "empty log_history: nothing was logged before this state was saved",
                                         kind="empty"))
-    _flatten(history, res)
-    info.n_entries = len(history)
+    flat.finish()
+    res.info.n_entries = n_entries
     if res.non_numeric:  # nothing readable is dropped silently: say what was left out of the scalars
         res.problems.append(ReadProblem(
             name, f"{res.non_numeric} log_history value(s) are neither numbers nor numeric strings (text, lists, "
@@ -299,7 +342,6 @@ def read_trainer_state(path: str | Path) -> StateResult:
             name, f"{res.n_out_of_range} value(s) out of range ({', '.join(res.out_of_range)}"
                   f"{', ...' if res.n_out_of_range > len(res.out_of_range) else ''}; limits in higgs_diag.limits): "
                   f"left out", kind="out-of-range"))
-    return res
 
 
 def _best_metric(v, res: StateResult) -> float | None:
@@ -314,111 +356,6 @@ def _best_metric(v, res: StateResult) -> float | None:
     return f
 
 
-def _entry_steps(history: list, res: StateResult) -> list[int]:
-    """The step of every entry; an entry without one (e.g. predict_* results appended after training), or with
-    one out of range (recorded), is attached to the step of the entry before it."""
-    info = res.info
-    steps = []
-    last = 0
-    for entry in history:
-        st = _int_field(entry.get("step"), "step", res) if isinstance(entry, dict) else None
-        if st is None:
-            if isinstance(entry, dict):
-                info.entries_without_step += 1
-            st = last
-        else:
-            last = st
-        steps.append(st)
-    return steps
-
-
-_SMALL_GROUP = 8  # key groups with fewer entries are converted value by value
-
-
-def _value(v, key: str, res: StateResult) -> float | None:
-    """One log_history value as float; None (counted as non-numeric or out of range) when it is not a number."""
-    f = _to_float(v)
-    if f is None:
-        if is_out_of_range(v) or isinstance(v, int):
-            res.range_problem(f"{key} {_show(v)}")
-        else:
-            res.non_numeric += 1
-    return f
-
-
-def _flatten(history: list, res: StateResult) -> None:
-    """log_history -> long columns in entry order. Entries are grouped by their key tuple (a 143k-step
-    history has a handful of distinct ones) so that each group converts to floats in one numpy call;
-    a group holding strings or nulls falls back to converting value by value."""
-    entry_steps = _entry_steps(history, res)
-    groups: dict[tuple, list[int]] = {}
-    for i, entry in enumerate(history):
-        if isinstance(entry, dict):
-            groups.setdefault(tuple(entry), []).append(i)
-        else:
-            res.non_numeric += 1
-    order_parts, step_parts, metric_parts, value_parts = [], [], [], []
-    width = max((len(k) for k in groups), default=1) + 1  # entry index * width + key position = entry order
-    small: tuple[list, list, list, list] = ([], [], [], [])  # groups of a few entries: value by value
-    for keys, idx in groups.items():
-        keys = tuple(k for k in keys if k != "step")
-        if any(len(k) > limits.MAX_NAME_CHARS for k in keys):
-            res.long_keys += sum(len(k) > limits.MAX_NAME_CHARS for k in keys) * len(idx)
-            keys = tuple(k for k in keys if len(k) <= limits.MAX_NAME_CHARS)
-        if not keys:
-            continue
-        if len(idx) < _SMALL_GROUP:  # per-group numpy calls would cost more than they save (linear either way)
-            for i in idx:
-                entry = history[i]
-                for c, k in enumerate(keys):
-                    f = _value(entry[k], k, res)
-                    if f is not None:
-                        small[0].append(i * width + c)
-                        small[1].append(entry_steps[i])
-                        small[2].append(KEY_ALIASES.get(k, k))
-                        small[3].append(f)
-            continue
-        entries = [history[i] for i in idx]
-        getter = operator.itemgetter(*keys)
-        rows = list(map(getter, entries)) if len(keys) > 1 else [(v,) for v in map(getter, entries)]
-        try:
-            block = np.array(rows, dtype="float64")  # fails on strings/None/nested values
-            if block.shape != (len(idx), len(keys)):
-                raise ValueError
-            present = np.ones(block.shape, dtype=bool)
-        except (TypeError, ValueError):
-            block = np.full((len(idx), len(keys)), np.nan)
-            present = np.zeros(block.shape, dtype=bool)
-            for r, row in enumerate(rows):
-                for c, v in enumerate(row):
-                    f = _value(v, keys[c], res)
-                    if f is not None:
-                        block[r, c] = f
-                        present[r, c] = True
-        n_k = len(keys)
-        idx_arr = np.asarray(idx, dtype=np.int64)
-        order_parts.append((idx_arr[:, None] * width + np.arange(n_k)[None, :])[present])
-        step_parts.append(np.repeat(np.asarray([entry_steps[i] for i in idx], dtype=np.int64), n_k)
-                          .reshape(len(idx), n_k)[present])
-        names = np.array([KEY_ALIASES.get(k, k) for k in keys], dtype=object)
-        metric_parts.append(np.broadcast_to(names, block.shape)[present])
-        value_parts.append(block[present])
-    if small[0]:
-        order_parts.append(np.asarray(small[0], dtype=np.int64))
-        step_parts.append(np.asarray(small[1], dtype=np.int64))
-        names = np.empty(len(small[2]), dtype=object)
-        names[:] = small[2]
-        metric_parts.append(names)
-        value_parts.append(np.asarray(small[3], dtype=np.float64))
-    if not order_parts:
-        return
-    order = np.concatenate(order_parts)
-    perm = np.argsort(order, kind="stable")  # back to entry order, keys in their order within an entry
-    res.steps = np.concatenate(step_parts)[perm]
-    res.metrics = np.concatenate(metric_parts)[perm]
-    res.values = np.concatenate(value_parts)[perm]
-
-
 _GAP = re.compile(r"[ \t\r\n,]*")
 
 
@@ -428,26 +365,45 @@ def _salvage(text: str, end: int | None = None):
     m = re.search(r'"log_history"\s*:\s*\[', text)
     if not m:
         return None, 0
-    dec = bounded_decoder()
-    pos = m.end()
-    entries = []
     n = len(text) if end is None else min(end, len(text))
-    part = text[:n]
-    while pos < n:
+    entries = salvage_entries(text[:n], m.end())
+    data: dict = {"log_history": entries}
+    data.update(salvage_fields(text))
+    return data, len(entries)
+
+
+def salvage_entries(part: str, pos: int) -> list:
+    """The complete log_history entries of ``part`` from character ``pos`` on, one by one until one fails."""
+    dec = bounded_decoder()
+    entries = []
+    while pos < len(part):
         pos = _GAP.match(part, pos).end()
-        if pos >= n or part[pos] == "]":
+        if pos >= len(part) or part[pos] == "]":
             break
         try:
             obj, pos = dec.raw_decode(part, pos)
         except (json.JSONDecodeError, RecursionError):
             break
         entries.append(obj)
-    data: dict = {"log_history": entries}
-    for key in _INT_FIELDS + ("best_metric", "best_model_checkpoint", "num_train_epochs"):
-        mm = re.search(rf'"{key}"\s*:\s*("(?:[^"\\]|\\.)*"|[-0-9.eE+]+|null|NaN|Infinity)', text)
+    return entries
+
+
+SALVAGED_FIELDS = _INT_FIELDS + ("best_metric", "best_model_checkpoint", "num_train_epochs")
+
+
+def field_pattern(key: str) -> str:
+    return rf'"{key}"\s*:\s*("(?:[^"\\]|\\.)*"|[-0-9.eE+]+|null|NaN|Infinity)'
+
+
+def salvage_fields(text: str, keys=SALVAGED_FIELDS) -> dict:
+    """The fields of a damaged file: the first ``"key": value`` of each anywhere in ``text``."""
+    dec = bounded_decoder()
+    data = {}
+    for key in keys:
+        mm = re.search(field_pattern(key), text)
         if mm:
             try:
                 data[key] = dec.decode(mm.group(1))
             except ValueError:  # JSONDecodeError, and numbers Python will not convert
                 pass
-    return data, len(entries)
+    return data
