@@ -196,7 +196,7 @@ class _Fields:
     def scan(self, piece: bytes) -> None:
         for key in ts.SALVAGED_FIELDS:
             if key not in self.found and f'"{key}"'.encode() in piece:
-                m = re.search(ts.field_pattern(key), piece.decode("utf-8"))
+                m = re.search(ts.field_pattern(key), piece.decode("utf-8", "replace"))
                 if m:
                     self.found[key] = m.group(1)
 
@@ -298,7 +298,7 @@ def read_streaming(fh, name: str, chunk: int, whole_ok: bool) -> ts.StateResult 
         return ts.StateResult(None, problems=[ReadProblem(name, f"not read: {what}", offset=getattr(e, "offset", None),
                                                           kind="unreadable", fatal=True)])
     except _Damaged as d:
-        return None if whole_ok else _salvage(st, d.piece)
+        return None if whole_ok else _salvage(st, d.piece, fh, chunk)
 
 
 def _finish(st: _Stream, whole_ok: bool) -> ts.StateResult | None:
@@ -337,14 +337,23 @@ def _salvaged(st: _Stream, e, pos: int, n_entries: int) -> ts.StateResult:
     return st.res
 
 
-def _salvage(st: _Stream, piece: bytes) -> ts.StateResult:
+def _salvage(st: _Stream, piece: bytes, fh, chunk: int) -> ts.StateResult:
     """Damage inside log_history: the stdlib parser on the header + the damaged piece says what and where (the
-    entries before the piece are replaced by one number: the parser is in the same state after it)."""
+    entries before the piece are replaced by one number: the parser is in the same state after it). The rest of
+    the file is read block by block for the fields only."""
     head = st.split.head.decode("utf-8")
     st.fields = st.fields or _Fields(head)
     prefix = head + ("0," if st.body_chars else "")
     text = piece.decode("utf-8", "replace")
     st.fields.scan(piece)
+    carry, read = piece[-4096:], 0
+    while len(st.fields.found) < len(ts.SALVAGED_FIELDS) and read <= limits.MAX_STATE_FILE_BYTES:
+        block = fh.read(chunk)
+        if not block:
+            break
+        read += len(block)
+        st.fields.scan(carry + block)
+        carry = block[-4096:]
     try:
         ts.bounded_decoder().decode(prefix + text)
         err = json.JSONDecodeError("Expecting ',' delimiter", prefix + text, len(prefix + text))
