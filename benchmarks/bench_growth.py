@@ -137,7 +137,7 @@ def main() -> int:
         m = _analyze(case["dir"])
         rows.append({**case, **m, "written": written, "mb": mb})
 
-    head = (f"{'run':26} {'files MB':>9} {'points written':>15} {'points read':>12} {'wall s':>7} {'s/Mpoint':>9} "
+    head = (f"{'run':26} {'files MB':>9} {'points written':>15} {'points read':>12} {'wall s':>7} {'cpu s':>6} {'s/Mpoint':>9} "
             f"{'peak RSS MB':>11} {'B RSS/point':>11}")
     print(head)
     print("-" * len(head))
@@ -146,14 +146,14 @@ def main() -> int:
         if isinstance(pts, int) and pts:
             r["s_per_m"] = r["wall"] / (pts / 1e6)
             r["b_per_pt"] = r["rss_mb"] * 1024 * 1024 / pts
-            tail = f"{pts:>12,} {r['wall']:7.2f} {r['s_per_m']:9.3f} {r['rss_mb']:11.0f} {r['b_per_pt']:11.0f}"
+            tail = f"{pts:>12,} {r['wall']:7.2f} {r['cpu']:6.2f} {r['s_per_m']:9.3f} {r['rss_mb']:11.0f} {r['b_per_pt']:11.0f}"
         else:
-            tail = f"{'?':>12} {r['wall']:7.2f} {'-':>9} {r['rss_mb']:11.0f} {'-':>11}"
+            tail = f"{'?':>12} {r['wall']:7.2f} {r['cpu']:6.2f} {'-':>9} {r['rss_mb']:11.0f} {'-':>11}"
         print(f"{r['name']:26} {r['mb']:9.1f} {r['written']:>15,} {tail}")
         for p in r["problems"][:3]:
             print(f"{'':26}   read problem: {str(p)[:160]}")
-    print("\nwall: the whole `higgs-diag analyze --format json` process (start-up and imports included); peak RSS "
-          "of that process (os.wait4); MB = 2^20 bytes.")
+    print("\nwall: the whole `higgs-diag analyze --format json` process (start-up and imports included); cpu: its user "
+          "+ system seconds; s/Mpoint: wall per million points read; peak RSS of that process (os.wait4); MB = 2^20 bytes.")
 
     grow = [r for r in rows if r["scale"] and isinstance(r.get("s_per_m"), float)]
     if len(grow) >= 2 and grow[0]["scale"] == 1:
@@ -162,7 +162,8 @@ def main() -> int:
         complete = big["points"] == big["written"]
         target(f"growth: s per Mpoint, {big['name']} / 1x", f"{ratio:.2f}x", f"<= {LINEAR_SLACK}x",
                ratio <= LINEAR_SLACK and complete,
-               f"{grow[0]['s_per_m']:.3f} -> {big['s_per_m']:.3f} s/Mpoint"
+               f"{grow[0]['s_per_m']:.3f} -> {big['s_per_m']:.3f} s/Mpoint; CPU s/Mpoint "
+               f"{(big['cpu'] / big['points']) / (grow[0]['cpu'] / grow[0]['points']):.2f}x"
                + ("" if complete else f"; only {big['points']:,} of {big['written']:,} points read"))
     else:
         failed = [r["name"] for r in rows if r["scale"] and not isinstance(r.get("s_per_m"), float)]
