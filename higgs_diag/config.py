@@ -151,7 +151,11 @@ class Thresholds:
             except (TypeError, ValueError):
                 raise ValueError(f"threshold {name!r} needs a number, got {raw!r}") from None
             changes[key] = value
-        return self.replace(**changes)
+        out = self.replace(**changes)
+        if not 1 <= out.grad_spike_min_history <= out.grad_spike_window:  # a trailing window holds at most `window`
+            raise ValueError(f"threshold 'grad_spike_min_history' ({out.grad_spike_min_history}) must be between 1 "
+                             f"and 'grad_spike_window' ({out.grad_spike_window})")
+        return out
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Thresholds":

@@ -51,6 +51,16 @@ def test_bad_threshold_is_usage_error():
     assert r.exit_code == 2 and "unknown threshold" in r.stderr
 
 
+def test_spike_history_longer_than_its_window_is_a_usage_error_not_an_internal_error():
+    # a trailing window of 3 steps can never hold 10 steps of history (pandas raised inside the spike rule: exit 3)
+    r = runner().invoke(main, ["analyze", str(HEALTHY), "--set", "grad_spike_window=3",
+                               "--set", "grad_spike_min_history=10"])
+    assert r.exit_code == 2 and "grad_spike_min_history" in r.stderr and "internal error" not in r.stderr
+    ok = runner().invoke(main, ["analyze", str(HEALTHY), "--set", "grad_spike_window=3",
+                                "--set", "grad_spike_min_history=3"])
+    assert ok.exit_code in (0, 1)
+
+
 def test_threshold_override_changes_the_result():
     base = runner().invoke(main, ["analyze", str(RUNS / "audio-labels-unshifted"), "--format", "json"])
     loose = runner().invoke(main, ["analyze", str(RUNS / "audio-labels-unshifted"), "--format", "json",
