@@ -189,6 +189,15 @@ def _outcome(run_dir: str, options: dict, output: str | None = None) -> dict:
         return {"run_dir": run_dir, "report": None, "error": f"{type(e).__name__}: {e}", "kind": "internal"}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under `taskset` or a batch scheduler), which
+    ``os.cpu_count()`` over-counts when the process is pinned to fewer."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def analyze_many(run_dirs: Iterable[str | os.PathLike], *, jobs: int | None = None,
                  outputs: Iterable[str | os.PathLike | None] | None = None, **options):
     """Analyze several runs in parallel processes (``jobs``, default the number of cores); yields one outcome
@@ -196,7 +205,7 @@ def analyze_many(run_dirs: Iterable[str | os.PathLike], *, jobs: int | None = No
     ``outputs``: a report folder per run (or None). ``options`` are :func:`analyze`'s keyword options."""
     dirs = [str(d) for d in run_dirs]
     outs = [str(o) if o is not None else None for o in (outputs or [None] * len(dirs))]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(dirs) or 1))
+    jobs = max(1, min(jobs or usable_cores(), len(dirs) or 1))
     if jobs == 1:
         for d, o in zip(dirs, outs):
             yield _outcome(d, options, o)

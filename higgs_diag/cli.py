@@ -114,7 +114,7 @@ def main(debug: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
               show_default=True, help="What to print on stdout (several runs: a triage table, or JSON lines).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
-              help="Several runs: analyze this many in parallel processes (default: the number of cores).")
+              help="Several runs: analyze this many in parallel processes (default: the cores this process may use).")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write report.json, report.md, report.html and plots/*.png into this folder.")
 @click.option("--log", "logs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),

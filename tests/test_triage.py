@@ -68,3 +68,16 @@ def test_parallel_and_serial_agree(tmp_path):
     serial = [o["report"]["findings"] for o in analyze_many(runs, jobs=1)]
     parallel = [o["report"]["findings"] for o in analyze_many(runs, jobs=2)]
     assert serial == parallel
+
+
+def test_default_jobs_follow_the_cpu_affinity_not_the_machine(monkeypatch):
+    # pinned to one core (taskset, a batch scheduler's cgroup cpuset), the default is one process, not cpu_count()
+    import os
+    import pytest
+    from higgs_diag import api
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert api.usable_cores() == 1
