@@ -199,20 +199,152 @@ def usable_cores() -> int:
 
 
 def analyze_many(run_dirs: Iterable[str | os.PathLike], *, jobs: int | None = None,
-                 outputs: Iterable[str | os.PathLike | None] | None = None, **options):
-    """Analyze several runs in parallel processes (``jobs``, default the number of cores); yields one outcome
-    dict per run (``run_dir``, ``report`` (the JSON report) or ``error`` and ``kind``), in the order given.
-    ``outputs``: a report folder per run (or None). ``options`` are :func:`analyze`'s keyword options."""
+                 outputs: Iterable[str | os.PathLike | None] | None = None, _work: Callable | None = None,
+                 **options):
+    """Analyze several runs in parallel processes (``jobs``, default the cores this process may use); yields
+    one outcome dict per run (``run_dir``, ``report`` (the JSON report) or ``error`` and ``kind``), in the order
+    given. ``outputs``: a report folder per run (or None). ``options`` are :func:`analyze`'s keyword options.
+
+    ``kind`` of a failed run: ``"unreadable"`` (its files cannot be read), ``"internal"`` (an exception of ours
+    while analyzing it) or ``"crashed"`` (the worker process analyzing it died: killed by the OOM killer's
+    SIGKILL, a segfault in a C extension; ``error`` names the signal). A worker death breaks the process pool;
+    the runs that finished are kept, those in flight are retried once each in a process of their own (alone,
+    so a bystander is not blamed and an out-of-memory run gets the memory to itself), the rest go on in a
+    fresh pool. A run whose retry dies too is reported ``"crashed"``; no run is tried more than twice.
+
+    With ``jobs=1`` the runs are analyzed in this process, one after another: no interpreter to start (about
+    0.5 s of start-up and imports, the analysis of three small runs), and a debugger or profiler sees the work;
+    but a run that kills the process (SIGKILL, a segfault) ends the whole call. Use ``jobs >= 2`` to isolate.
+
+    ``_work`` (private, for tests): a picklable module-level function used instead of :func:`_outcome`, with
+    its signature ``(run_dir, options, output) -> outcome dict``."""
+    work = _work or _outcome
     dirs = [str(d) for d in run_dirs]
     outs = [str(o) if o is not None else None for o in (outputs or [None] * len(dirs))]
     jobs = max(1, min(jobs or usable_cores(), len(dirs) or 1))
     if jobs == 1:
         for d, o in zip(dirs, outs):
-            yield _outcome(d, options, o)
+            yield work(d, options, o)
         return
+    yield from _pooled(work, [(d, options, o) for d, o in zip(dirs, outs)], jobs)
+
+
+def _pooled(work: Callable, tasks: list[tuple], jobs: int):
+    """``work(*task)`` for each task in a pool of ``jobs`` spawned workers, outcomes yielded in task order.
+
+    At most ``jobs`` tasks are submitted at a time, so every submitted task is running (or starting in an idle
+    worker) and a broken pool names few suspects (``pool.map`` queues ahead, and a queued task fails with the
+    same BrokenProcessPool). Suspects are retried once each with :func:`_alone`; every other task is tried once,
+    in a pool. Each round makes progress (a task done or turned suspect), so this ends. The pool is shut down, its
+    workers joined, whatever happens (a broken pool's workers are terminated by the executor itself)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")  # no inherited state (threads, open files) in the workers
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        yield from pool.map(_outcome, dirs, [options] * len(dirs), outs)
+    done: dict[int, dict] = {}
+    todo = deque(range(len(tasks)))  # never tried
+    suspects: list[int] = []  # in flight when a pool broke
+    emitted = 0
+
+    def settle(fut, i) -> bool:
+        """Record a finished future's outcome; False when it failed because the pool broke."""
+        exc = fut.exception()
+        if isinstance(exc, BrokenProcessPool):
+            suspects.append(i)
+            return False
+        if exc is not None:  # not from work() (which catches its own): e.g. pickling the task or its outcome
+            done[i] = _failed(tasks[i][0], f"{type(exc).__name__}: {exc}", "internal")
+        else:
+            done[i] = fut.result()
+        return True
+
+    while emitted < len(tasks):
+        if suspects:
+            suspects.sort()
+            i = suspects.pop(0)
+            done[i] = _alone(ctx, work, tasks[i])
+        else:
+            before = emitted + len(done)  # finished so far
+            pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx)
+            running: dict = {}
+            try:
+                while todo or running:
+                    while todo and len(running) < jobs:
+                        i = todo.popleft()
+                        try:
+                            running[pool.submit(work, *tasks[i])] = i
+                        except BrokenProcessPool:  # broke between two waits: retry this one in the next pool
+                            todo.appendleft(i)
+                            break
+                    if not running:
+                        break
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    if not all([settle(f, running.pop(f)) for f in finished]):
+                        for f in wait(running).done:  # the broken pool fails every one still running
+                            settle(f, running.pop(f))
+                        break
+                    while emitted in done:
+                        yield done.pop(emitted)
+                        emitted += 1
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if emitted + len(done) == before and not suspects and todo:  # no progress: never loop on pools
+                suspects.append(todo.popleft())
+        while emitted in done:
+            yield done.pop(emitted)
+            emitted += 1
+
+
+def _failed(run_dir: str, error: str, kind: str) -> dict:
+    """The outcome of a run that has no report."""
+    return {"run_dir": run_dir, "report": None, "error": error, "kind": kind}
+
+
+def _alone(ctx, work: Callable, task: tuple) -> dict:
+    """``work(*task)`` in a child process of its own; its outcome, or ``"crashed"`` naming how the child died."""
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, work, task), daemon=True)
+    child.start()
+    send.close()
+    try:
+        outcome = recv.recv()
+    except EOFError:  # it died before sending anything
+        outcome = None
+    except BaseException:
+        child.terminate()
+        raise
+    finally:
+        recv.close()
+        child.join()
+    if outcome is not None:
+        return outcome
+    return _failed(task[0], _death(child.exitcode, task[0]), "crashed")
+
+
+def _child(conn, work: Callable, task: tuple) -> None:
+    try:
+        outcome = work(*task)
+    except BaseException as e:  # noqa: BLE001 - work() catches its own; this is a last line
+        outcome = _failed(task[0], f"{type(e).__name__}: {e}", "internal")
+    conn.send(outcome)
+    conn.close()
+
+
+def _death(exitcode: int | None, run_dir: str) -> str:
+    """How a worker died, for the triage table: ``worker process killed by SIGKILL (out of memory?) while
+    analyzing RUN ...``."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = {"SIGKILL": " (out of memory?)", "SIGSEGV": " (a crash in a C extension?)",
+                "SIGBUS": " (a crash in a C extension?)"}.get(name, "")
+        how = f"killed by {name}{hint}"
+    else:
+        how = f"exited with code {exitcode}"
+    return f"worker process {how} while analyzing {run_dir} (retried once, alone)"
