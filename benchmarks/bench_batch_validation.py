@@ -13,10 +13,14 @@
 (d) validate_batch on a release-size batch (8 codebooks x 1026 classes, 16 segments of 500 frames, 16 x 512 text
     tokens), for scale: a step of the 3B model on such a batch takes seconds.
 Medians of repeated timings; 2 threads.
+
+Target (docs/performance.md, "Batch validation inside the trainer"): (a) under 2 % of (b), cheap enough to leave
+on before every forward.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,12 +30,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "fixtures"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import make_runs as M  # noqa: E402
+from _targets import target  # noqa: E402
 
 from transformers import TrainingArguments  # noqa: E402
 
 from higgs_diag.batch import BatchSpec, validate_batch  # noqa: E402
 from higgs_diag.trainer import HiggsAudioTrainer  # noqa: E402
+
+
+GOAL_SHARE = 0.02  # validate_batch under 2 % of a bare training step of the tiny model (docs/performance.md)
 
 
 def per_call(fn, reps: int, rounds: int = 5) -> float:
@@ -128,6 +137,11 @@ def main(argv=None):
     print(f"    ratio a/c = {t_val / t_loop['off']:.2%}; in-loop difference strict - off = "
           f"{(t_loop['strict'] - t_loop['off']) / t_loop['off']:+.2%} (compare with the ranges: noise)")
     print(f"(d) validate_batch, release-size batch     {t_big * 1e3:8.3f} ms")
+    share = t_val / t_step
+    target("batch validation: cost vs a training step (tiny)", f"{share:.2%}", f"< {GOAL_SHARE:.0%} of a step",
+           share < GOAL_SHARE, note=f"(a) {t_val * 1e3:.3f} ms / (b) {t_step * 1e3:.2f} ms; "
+                                    f"{t_val / t_loop['off']:.2%} of an HF loop step; load average "
+                                    f"{os.getloadavg()[0]:.1f}: a busy machine slows (b) more than (a)")
 
 
 if __name__ == "__main__":
