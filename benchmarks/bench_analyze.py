@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import struct
 import subprocess
@@ -50,6 +49,9 @@ TRAIN_TAGS = ("loss", "audio_loss", "text_loss", "grad_norm", "learning_rate", "
 EVAL_KEYS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from _proc import measure  # noqa: E402  (the fresh-process wall / cpu / peak RSS measurement)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,25 +421,6 @@ print(json.dumps({"points": n, "inner": time.perf_counter() - t}))
 """
 
 
-def _measure_rusage(argv: list[str]) -> dict:
-    """Run argv in a fresh process: wall seconds, that process's peak RSS in MB, its stdout/stderr.
-
-    The child is reaped with os.wait4, whose rusage is the child's own (the ru_maxrss that
-    getrusage(RUSAGE_CHILDREN) would report, without the maximum over earlier children)."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        t = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=str(REPO))
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
-        fo.seek(0)
-        fe.seek(0)
-        return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024.0, "rc": p.returncode,
-                "stdout": fo.read().decode(errors="replace"), "stderr": fe.read().decode(errors="replace")}
-
-
 def _last_json(text: str) -> dict:
     for line in reversed(text.strip().splitlines()):
         try:
@@ -485,7 +468,7 @@ def main() -> int:
           file=sys.stderr)
 
     if "a" in only:
-        m = _measure_rusage([py, "-c", CHILD_A, str(ev_path)])
+        m = measure([py, "-c", CHILD_A, str(ev_path)])
         out = _last_json(m["stdout"])
         rows.append(("(a) higgs_diag read_event_file", m, out.get("points"), out.get("inner")))
         if m["rc"] or out.get("problems"):
@@ -495,19 +478,19 @@ def main() -> int:
         if not has_cli:
             print("(b) skipped: `higgs-diag analyze` does not exist yet", file=sys.stderr)
         else:
-            m = _measure_rusage([str(cli), "analyze", str(RUN), "--format", "json"])
+            m = measure([str(cli), "analyze", str(RUN), "--format", "json"])
             report = _last_json(m["stdout"]) if m["stdout"].strip() else {}
             if m["rc"] not in (0, 1):
                 print(f"(b) exit code {m['rc']}: {m['stderr'][-2000:]}", file=sys.stderr)
             rows.append(("(b) higgs-diag analyze --format json", m, _analyze_points(report), None))
     if "c" in only:
-        m = _measure_rusage([py, "-c", CHILD_C, str(ev_path)])
+        m = measure([py, "-c", CHILD_C, str(ev_path)])
         out = _last_json(m["stdout"])
         rows.append(("(c) tbparse SummaryReader.scalars", m, out.get("points"), out.get("inner")))
         if m["rc"]:
             print(m["stderr"][-2000:], file=sys.stderr)
     if "d" in only:
-        m = _measure_rusage([py, "-c", CHILD_D, str(ev_path)])
+        m = measure([py, "-c", CHILD_D, str(ev_path)])
         out = _last_json(m["stdout"])
         rows.append(("(d) EventAccumulator(scalars=0).Reload", m, out.get("points"), out.get("inner")))
         if m["rc"]:

@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import bench_analyze as ref  # noqa: E402  (the reference run's generator and the fresh-process measurement)
+import bench_analyze as ref  # noqa: E402  (the reference run's generator)
+from _proc import measure  # noqa: E402  (the fresh-process measurement)
 from _targets import target  # noqa: E402
 
 DATA = ref.DATA / "growth"
@@ -61,7 +62,7 @@ def _generate(case: dict, force: bool) -> dict:
 
 def _analyze(run_dir: Path) -> dict:
     cli = Path(sys.executable).parent / "higgs-diag"
-    m = ref._measure_rusage([str(cli), "analyze", str(run_dir), "--format", "json"])
+    m = measure([str(cli), "analyze", str(run_dir), "--format", "json"])
     report = ref._last_json(m["stdout"]) if m["stdout"].strip() else {}
     m["points"] = ref._analyze_points(report)
     summ = report.get("summary", {}) if isinstance(report, dict) else {}

@@ -66,6 +66,7 @@ TINY_COPIES = 25
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from _proc import measure  # noqa: E402  (wall s and peak RSS of a fresh process, its output)
 from _targets import target  # noqa: E402
 from higgs_diag.config import ReplayOptions  # noqa: E402
 
@@ -265,8 +266,6 @@ DEVICE = "cpu"  # --device: what the throughput and torchrun parts pass to repla
 def run_cli(ckpt: Path, batches: list[Path], threads: int, nproc: int = 1) -> dict:
     """One `higgs-diag replay-batch` process (under torchrun with ``nproc`` > 1): its report's replay numbers,
     wall seconds and the peak RSS of its largest process."""
-    import tempfile
-
     args = ["replay-batch", str(ckpt), *map(str, batches), "--format", "json", "--fail-on", "never",
             "--device", DEVICE]
     if nproc > 1:
@@ -275,21 +274,13 @@ def run_cli(ckpt: Path, batches: list[Path], threads: int, nproc: int = 1) -> di
     else:
         argv = [str(Path(sys.executable).with_name("higgs-diag")), *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        t = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=str(REPO), env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        fo.seek(0)
-        fe.seek(0)
-        out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        raise SystemExit(f"{' '.join(argv[:4])} ... failed ({rc}):\n{err[-3000:]}")
-    rep = json.loads(out)["summary"]["replay"]
+    m = measure(argv, env)
+    if m["rc"] != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed ({m['rc']}):\n{m['stderr'][-3000:]}")
+    rep = json.loads(m["stdout"])["summary"]["replay"]
     n, sec = rep["n_batches"], rep["seconds"]
     return {"n": n, "world": rep["world_size"], "batches_s": sec["batches"], "load_s": sec.get("load", 0.0),
-            "wall": wall, "rss_mb": ru.ru_maxrss / 1024, "per_s": n / sec["batches"], "model": rep["model"]}
+            "wall": m["wall"], "rss_mb": m["rss_mb"], "per_s": n / sec["batches"], "model": rep["model"]}
 
 
 def _numel(shape) -> int:

@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,6 +33,7 @@ REPO = HERE.parent
 DATA = HERE / "_data" / "run_memory"
 sys.path.insert(0, str(HERE))
 
+from _proc import measure  # noqa: E402  (wall s and peak RSS MiB of argv in a fresh process, its stdout)
 from _targets import target  # noqa: E402
 
 GOAL_MB = 1e9 / 2**20  # 1 GB = 10^9 bytes, in MiB (ru_maxrss / 1024)
@@ -77,21 +77,6 @@ print(json.dumps({"stages": stages, "points": run.n_points, "findings": len(diag
 """
 
 
-def _measure(argv: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak RSS (MiB) of argv run in a fresh process, with its stdout."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        t = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=str(REPO), env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        fo.seek(0)
-        fe.seek(0)
-        return {"wall": wall, "rss_mb": ru.ru_maxrss / 1024.0, "rc": os.waitstatus_to_exitcode(status),
-                "stdout": fo.read().decode(errors="replace"), "stderr": fe.read().decode(errors="replace")}
-
-
 def _generate(regenerate: bool) -> dict:
     """Both runs, generated in a child (this process stays small). Returns {name: root}."""
     code = ("import sys; sys.path.insert(0, %r); from pathlib import Path; import bench_analyze as b; "
@@ -111,7 +96,7 @@ def _file_sizes(root: Path) -> str:
 
 
 def memory_case(name: str, root: Path) -> None:
-    m = _measure([sys.executable, "-c", CHILD, str(root)])
+    m = measure([sys.executable, "-c", CHILD, str(root)])
     if m["rc"] != 0:
         print(f"{name}: exit code {m['rc']}\n{m['stderr'][-3000:]}", file=sys.stderr)
         target(f"#10 {name}: analyze peak RSS", "failed", f"< {GOAL_MB:,.0f} MiB", False)
@@ -133,12 +118,12 @@ def concurrency(pairs: int) -> None:
     cli = [str(Path(sys.executable).parent / "higgs-diag"), "analyze", str(ref), "--format", "json"]
     env_worker = {**os.environ, "HIGGS_DIAG_READ_WORKER": "1"}
     env_serial = {k: v for k, v in os.environ.items() if k != "HIGGS_DIAG_READ_WORKER"}
-    _measure(cli, env_worker)  # warm the page cache
+    measure(cli, env_worker)  # warm the page cache
     ratios, walls = [], {"worker": [], "serial": []}
     for i in range(pairs):
         order = [("worker", env_worker), ("serial", env_serial)]
         for kind, env in (order if i % 2 == 0 else order[::-1]):
-            m = _measure(cli, env)
+            m = measure(cli, env)
             if m["rc"] not in (0, 1):
                 print(m["stderr"][-2000:], file=sys.stderr)
             walls[kind].append(m["wall"])

@@ -33,9 +33,7 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +50,7 @@ SCALED = (("s50", 50, 30), ("s10", 10, 18), ("s04", 4, 8))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+from _proc import measure  # noqa: E402  (argv in a fresh process: wall, cpu, peak RSS of the largest process, output)
 from _targets import target  # noqa: E402
 
 
@@ -127,20 +126,6 @@ def build(force: bool = False) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 # Measurements
 # ------------------------------------------------------------------------------------------------
-def _run(argv: list[str], env: dict | None = None) -> dict:
-    """argv in a fresh process: wall seconds, the peak RSS (MB) of the largest process it waited for, stdout."""
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        t = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=str(REPO), env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        fo.seek(0)
-        fe.seek(0)
-        return {"wall": wall, "rss_mb": ru.ru_maxrss / 1024.0, "rc": os.waitstatus_to_exitcode(status),
-                "cpu": ru.ru_utime + ru.ru_stime,  # the process and the workers it reaped
-                "stdout": fo.read().decode(errors="replace"), "stderr": fe.read().decode(errors="replace")}
-
-
 def _reports(stdout: str) -> dict:
     """The JSON documents printed one after the other (JSON lines, or the one-run command's indented report)
     -> {run folder name: report}."""
@@ -174,14 +159,14 @@ def main(argv=None) -> int:
 
     # warm-up, not counted: the first process after a checkout compiles the package's .pyc files, and the first
     # read of the sweep may come from disk
-    _run([cli, "analyze", str(SWEEP), "--format", "json", "--jobs", str(jobs)], env)
+    measure([cli, "analyze", str(SWEEP), "--format", "json", "--jobs", str(jobs)], env)
     par, ser, ratios = [], [], []
     for rnd in range(a.rounds):
         order = ("par", "ser") if rnd % 2 == 0 else ("ser", "par")
         got = {}
         for which in order:
             j = jobs if which == "par" else 1
-            got[which] = _run([cli, "analyze", str(SWEEP), "--format", "json", "--jobs", str(j)], env)
+            got[which] = measure([cli, "analyze", str(SWEEP), "--format", "json", "--jobs", str(j)], env)
         par.append(got["par"])
         ser.append(got["ser"])
         ratios.append(got["ser"]["wall"] / got["par"]["wall"])
@@ -190,7 +175,7 @@ def main(argv=None) -> int:
     loop = None
     if not a.no_loop:
         script = f'for d in "$@"; do "{cli}" analyze "$d" --format json; done'
-        loop = _run(["sh", "-c", script, "sh", *map(str, runs)], env)
+        loop = measure(["sh", "-c", script, "sh", *map(str, runs)], env)
 
     # correctness: the exit code is the worst outcome (the damaged run: 2), every run reported, same reports
     ok_rc = all(m["rc"] == 2 for m in par + ser)
