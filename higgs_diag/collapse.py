@@ -132,6 +132,9 @@ def collapse_levels_array(steps: Iterable[int], values: Iterable[float], *, warn
         return _one_at_a_time(tr, steps, values)
     n = len(st)
     levels = np.zeros(n, dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        if not (v < tr.warning).any():  # never below the warning level (NaN compares False): all ok, no events
+            return levels, tr
     valid = np.flatnonzero(np.isfinite(v) & (v != 0.0))  # the others change nothing (update returns early)
     S, V = st[valid], v[valid]
     L = np.where(V < tr.critical, CRITICAL, np.where(V < tr.warning, WARNING, OK)).astype(np.int64)
@@ -219,4 +222,4 @@ def _as_arrays(steps, values) -> tuple[np.ndarray | None, np.ndarray | None]:
     if st.ndim != 1 or v.ndim != 1 or st.dtype.kind not in "iu" or (st.dtype.kind == "u" and st.dtype.itemsize >= 8):
         return None, None
     n = min(len(st), len(v))
-    return st[:n].astype(np.int64), v[:n]
+    return st[:n].astype(np.int64, copy=False), v[:n]

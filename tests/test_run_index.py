@@ -115,3 +115,35 @@ def test_divergence_bound_never_changes_the_finding(seed, monkeypatch):
     monkeypatch.setattr(optimisation, "_tail_cannot_diverge", lambda v, k, t: False)
     without = [vars(f) for f in rule(Run(root="r", scalars=df), t)]
     assert with_bound == without
+
+
+def test_the_index_holds_no_copy_it_can_avoid():
+    """Issue #10 (a 1 GiB event file under 1 GB): the positions are int32, a metric read from one source reads
+    its positions themselves, the label codes are views of the frame's, and metrics logged at the same steps
+    share one step index. Values stay the pandas definition's."""
+    n = 3000
+    steps = np.repeat(np.arange(1, n + 1, dtype=np.int32), 3)
+    metric = np.tile(["loss", "grad_norm", "learning_rate"], n)
+    ev = np.arange(500, n + 1, 500, dtype=np.int32)  # an evaluation: eval_loss and epoch again at its step
+    df = pd.DataFrame({
+        "step": np.concatenate((steps, np.repeat(ev, 2))),
+        "metric": pd.Categorical(np.concatenate((metric, np.tile(["eval_loss", "epoch"], len(ev))))),
+        "value": np.random.default_rng(0).random(3 * n + 2 * len(ev)),
+        "source": pd.Categorical(["tensorboard"] * (3 * n + 2 * len(ev))),
+        "wall_time": np.nan, "file": pd.Categorical(["f"] * (3 * n + 2 * len(ev))), "segment": np.int8(0)})
+    run = Run(root="r", scalars=df)
+    for m in ("loss", "grad_norm", "learning_rate", "eval_loss", "epoch"):
+        assert run.positions(m).dtype == np.int32
+        assert run.source_positions(m) is run.positions(m)
+        got, want = run.series(m), _pandas_series(df, m)
+        assert np.array_equal(got.index.to_numpy(), want.index.to_numpy()) and got.index.dtype == np.int64
+        assert np.array_equal(got.to_numpy(), want.to_numpy())
+    assert run.series("grad_norm").index is run.series("loss").index is run.series("learning_rate").index
+    assert run.series("eval_loss").index is not run.series("loss").index
+    codes, names = run.codes("metric")
+    assert np.shares_memory(codes, df["metric"].array.codes) and not codes.flags.writeable
+    # a second source: the chosen source's positions are a selection, not the positions themselves
+    two = pd.concat([df, df.assign(source=pd.Categorical(["console"] * len(df)))], ignore_index=True)
+    run2 = Run(root="r", scalars=two)
+    assert len(run2.source_positions("loss")) == n and run2.source_positions("loss") is not run2.positions("loss")
+    assert np.array_equal(run2.series("loss").to_numpy(), run.series("loss").to_numpy())

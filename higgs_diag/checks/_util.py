@@ -9,7 +9,9 @@ from ..formatting import fmt, steps_list, steps_text  # noqa: F401  (re-exported
 
 
 def finite(s: pd.Series) -> pd.Series:
-    return s[np.isfinite(s.to_numpy(dtype="float64"))]
+    """The finite points of ``s``: ``s`` itself when all are (series are never modified in place; no copy)."""
+    ok = np.isfinite(s.to_numpy(dtype="float64"))
+    return s if ok.all() else s[ok]
 
 
 def audio_loss_metrics(run) -> list[str]:
@@ -162,9 +164,11 @@ def trailing_min(v: np.ndarray, window: int) -> np.ndarray:
         pad[:n] = v
         blocks = pad.reshape(nb, w)
         left = np.minimum.accumulate(blocks, axis=1).ravel()  # min from the block start to j
-        right = np.minimum.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].ravel()  # min from j to the block end
-        a = np.arange(1, n - w)  # windows v[a:a + w] give out[a + w]
-        out[w + 1:] = np.minimum(right[a], left[a + w - 1])
+        right = np.empty_like(blocks)  # min from j to the block end (written through a reversed view: no copy)
+        np.minimum.accumulate(blocks[:, ::-1], axis=1, out=right[:, ::-1])
+        right = right.ravel()
+        # windows v[a:a + w] give out[a + w], a = 1 .. n - w - 1: min(right[a], left[a + w - 1]), as slices
+        np.minimum(right[1:n - w], left[w:n - 1], out=out[w + 1:])
     return out
 
 

@@ -39,7 +39,8 @@ def _loss_points(run, metric: str) -> tuple[np.ndarray, np.ndarray]:
     s = run.series(metric)
     v = s.to_numpy(dtype="float64")
     ok = np.isfinite(v) & (v != 0.0)
-    return s.index.to_numpy()[ok], v[ok]
+    steps = s.index.to_numpy()
+    return (steps, v) if ok.all() else (steps[ok], v[ok])
 
 
 def _text_meanwhile(run, fam: str) -> list[str]:

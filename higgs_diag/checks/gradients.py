@@ -40,7 +40,8 @@ def _spikes(run: Run, t: Thresholds) -> _Spikes | None:
 
 def _find_spikes(run: Run, t: Thresholds) -> _Spikes | None:
     g = finite(run.series("grad_norm"))
-    g = g[g > 0]  # exact zeros (skipped or frozen steps) are no reference level
+    pos = g.to_numpy() > 0
+    g = g if pos.all() else g[pos]  # exact zeros (skipped or frozen steps) are no reference level
     if len(g) <= t.grad_spike_min_history:
         return None
     w, mp, factor = t.grad_spike_window, t.grad_spike_min_history, t.grad_spike_factor
@@ -50,7 +51,9 @@ def _find_spikes(run: Run, t: Thresholds) -> _Spikes | None:
         # minimum is no spike: the exact median is needed only at the other points (a few on a healthy run).
         gv = g.to_numpy()
         with np.errstate(invalid="ignore", over="ignore"):  # 0 x inf (no history yet) is no candidate
-            cand = np.flatnonzero((np.arange(len(gv)) >= mp) & (gv > factor * trailing_min(gv, w)))
+            above = gv > factor * trailing_min(gv, w)
+            above[:max(0, int(mp))] = False  # fewer than min_history points before: no reference yet
+            cand = np.flatnonzero(above)
         if len(cand) <= len(gv) // 20 + 64:
             r = np.full(len(gv), np.nan)
             r[cand] = trailing_medians_at(gv, cand, w, mp)

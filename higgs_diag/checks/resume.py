@@ -43,9 +43,14 @@ def _session_restarts(where: str, metric: str, steps: np.ndarray, segs: np.ndarr
     """The restarts of one file's sequence of ``steps`` (in reading order), split into sessions by ``segs``
     (the reader's segment numbers; without them, +1 wherever the step goes back). Session k is compared
     with every session numbered below it, all in O(n log n)."""
+    if len(steps) == 0:
+        return []
     if not segs.any():
-        segs = np.concatenate(([0], np.cumsum(np.diff(steps) < 0))) if len(steps) else segs
-    if len(steps) == 0 or segs.max() == 0:
+        back = np.diff(steps) < 0
+        if not back.any():  # one session: nothing goes back
+            return []
+        segs = np.concatenate(([0], np.cumsum(back)))
+    if segs.max() == 0:
         return []
     d = pd.DataFrame({"step": steps, "seg": segs})
     agg = d.groupby("seg", sort=True)["step"].agg(["min", "max"])
@@ -93,12 +98,13 @@ def _compute_restarts(run: Run) -> list[_Restart]:
     mc, metrics = run.codes("metric")
     nf = len(files)
     # the rows a groupby by (file, metric) keeps: both known
-    known = None if (fc >= 0).all() and (mc >= 0).all() else np.flatnonzero((fc >= 0) & (mc >= 0))
+    known = None if fc.min(initial=0) >= 0 and mc.min(initial=0) >= 0 else np.flatnonzero((fc >= 0) & (mc >= 0))
     fck = fc if known is None else fc[known]
     if not len(fck):
         return []
     # files in the order of their first row: the first row of each run of equal file codes, then per file
-    starts = np.flatnonzero(np.concatenate(([True], fck[1:] != fck[:-1])))
+    starts = np.flatnonzero(fck[1:] != fck[:-1]) + 1
+    starts = np.concatenate(([0], starts))
     _o, _b, first_run = _grouped(fck[starts], nf)
     first_row = np.where(first_run < len(starts), starts[np.minimum(first_run, len(starts) - 1)], len(fck))
     names = [str(m) for m in metrics]
@@ -149,7 +155,9 @@ def _cross_file_restarts(run: Run) -> list[_Restart]:
     if not ok.all():
         pos, f, s = pos[ok], f[ok], s[ok]
     nf = len(files)
-    key = s.astype(np.int64) * nf + f
+    key = s.astype(_small(len(sources) * nf))
+    key *= nf
+    key += f
     order, bounds, first = _grouped(key, len(sources) * nf)
     steps = run.column("step")[pos]
     by_source: dict = {}

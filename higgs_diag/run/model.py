@@ -173,6 +173,7 @@ class _ScalarIndex:
         self._codes: dict[str, tuple[np.ndarray, list]] = {}
         self._chosen: dict[str, np.ndarray] = {}
         self.derived: dict = {}  # Run.cached
+        self._step_indexes: list[pd.Index] = []  # step_index
         self.positions: dict = {}
         if len(frame):
             codes, names = self.codes("metric")
@@ -197,12 +198,24 @@ class _ScalarIndex:
         if got is None:
             col = self.frame[name]
             if isinstance(col.dtype, pd.CategoricalDtype):
-                got = (col.cat.codes.to_numpy(), list(col.cat.categories))
+                got = (col.array.codes, list(col.cat.categories))  # a read-only view (.cat.codes copies)
             else:
                 codes, uniques = pd.factorize(col.to_numpy(dtype=object), use_na_sentinel=True)
                 got = (codes, list(uniques))
             self._codes[name] = got
         return got
+
+    def step_index(self, steps: np.ndarray) -> pd.Index:
+        """A ``step`` index (int64) of these steps, the same object for every series with the same steps: the
+        metrics one log line carries (loss, grad_norm, learning_rate, ...) share one index, not one each."""
+        for known in self._step_indexes:
+            if len(known) == len(steps) and known[0] == steps[0] and known[-1] == steps[-1] \
+                    and np.array_equal(known.to_numpy(), steps):
+                return known
+        index = pd.Index(steps, dtype="int64", name="step", copy=False)
+        if len(steps):
+            self._step_indexes.append(index)
+        return index
 
     def chosen(self, metric) -> np.ndarray:
         """The positions of ``metric``'s points in the source ``pick_source`` chooses, in reading order."""
@@ -221,7 +234,8 @@ class _ScalarIndex:
             if present:
                 best = pick_source(dict(present))
                 codes_of_best = [k for k, name in enumerate(src_names) if name == best]
-                pos = pos[np.isin(sc, codes_of_best)] if len(codes_of_best) > 1 else pos[sc == codes_of_best[0]]
+                if int(n[codes_of_best].sum()) < len(pos):  # else all its points are that source's: no copy
+                    pos = pos[np.isin(sc, codes_of_best)] if len(codes_of_best) > 1 else pos[sc == codes_of_best[0]]
             else:
                 pos = _NO_POSITIONS
         if isinstance(metric, str):
@@ -234,16 +248,18 @@ def _categorical(col) -> bool:
 
 
 def _group_positions(codes: np.ndarray, names: list) -> dict:
-    """{name: the ascending row positions whose code is that name's}, for the names that occur (-1: none)."""
+    """{name: the ascending row positions whose code is that name's}, for the names that occur (-1: none).
+    Positions are int32 when the frame has fewer than 2**31 rows (half the memory of intp: a 20 M-point run)."""
+    small = np.int32 if len(codes) < 2**31 else np.intp
     if len(names) <= 16:  # a few names (the usual run): one comparison pass per name beats a sort
         out = {}
         for k, name in enumerate(names):
-            pos = np.flatnonzero(codes == k)
+            pos = np.flatnonzero(codes == k).astype(small)
             if len(pos):
                 out[name] = np.sort(np.concatenate((out[name], pos))) if name in out else pos
         return out
     c = codes.astype(np.int16 if len(names) < 32000 else np.int64) + 1
-    order = np.argsort(c, kind="stable")
+    order = np.argsort(c, kind="stable").astype(small, copy=False)
     bounds = np.concatenate(([0], np.cumsum(np.bincount(c, minlength=len(names) + 1))))
     out = {}
     for k, name in enumerate(names):
@@ -323,15 +339,15 @@ class Run:
         pos = idx.chosen(metric)
         steps = idx.column("step")[pos].astype(np.int64, copy=False)
         if len(steps) > 1 and not (steps[1:] > steps[:-1]).all():
-            # keep the last occurrence (in reading order) of each step, sorted by step
-            order = np.argsort(steps, kind="stable")
-            ss = steps[order]
+            # keep the last occurrence (in reading order) of each step, sorted by step; steps already in order
+            # with repeats (an evaluation logging epoch again at its step) need no sort
+            order = None if (steps[1:] >= steps[:-1]).all() else np.argsort(steps, kind="stable")
+            ss = steps if order is None else steps[order]
             last = np.empty(len(ss), dtype=bool)
             np.not_equal(ss[1:], ss[:-1], out=last[:-1])
             last[-1] = True
-            pos, steps = pos[order[last]], ss[last]
-        s = pd.Series(idx.column("value")[pos], index=pd.Index(steps, dtype="int64", name="step"), name=metric,
-                      copy=False)
+            pos, steps = (pos[last], ss[last]) if order is None else (pos[order[last]], ss[last])
+        s = pd.Series(idx.column("value")[pos], index=idx.step_index(steps), name=metric, copy=False)
         if isinstance(metric, str):
             self._series_cache[metric] = s
         return s
