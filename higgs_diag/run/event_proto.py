@@ -43,23 +43,24 @@ class Tags:
 # The fast path
 # ------------------------------------------------------------------------------------------------
 def _row_codes(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, first) for the rows of a 2-D uint64 array: equal rows share a code, first[c] is the
-    first row with code c. Exact; a few passes per distinct row (few distinct tags per group)."""
-    n, K = X.shape
+    """(codes, first) for the columns of a 2-D uint32 array (K words, n rows: X[k] is word k of every row):
+    equal rows share a code, first[c] is the first row with code c. Exact; a few passes over contiguous word
+    rows per distinct row (few distinct tags per group)."""
+    K, n = X.shape
     codes = np.full(n, -1, dtype=np.int64)
     first: list[int] = []
     r0 = 0
     while True:
         if len(first) == 8:  # many distinct rows: sort the rest
             rest = np.flatnonzero(codes < 0)
-            _, f, inv = np.unique(np.ascontiguousarray(X[rest]).view(f"V{8 * K}").reshape(-1),
+            _, f, inv = np.unique(np.ascontiguousarray(X[:, rest].T).view(f"V{4 * K}").reshape(-1),
                                   return_index=True, return_inverse=True)
             codes[rest] = inv.reshape(-1) + len(first)
             first.extend(rest[f].tolist())
             break
-        eq = X[:, 0] == X[r0, 0]
+        eq = X[0] == X[0, r0]
         for k in range(1, K):
-            eq &= X[:, k] == X[r0, k]
+            eq &= X[k] == X[k, r0]
         codes[eq] = len(first)
         first.append(r0)
         left = np.flatnonzero(codes < 0)
@@ -102,15 +103,11 @@ def _layouts(buf: np.ndarray, ds: np.ndarray, lens: np.ndarray, recs: np.ndarray
     return cand[keep[order]], key[order]
 
 
-def _tag_ids(M: np.ndarray, a: int, T: int, tags: Tags) -> np.ndarray:
-    """The tag id of every row of M (T tag bytes at M[:, a + 6:]); -1 where the tag is not UTF-8. The tag
-    bytes are compared as uint64 words (bytes before the tag in the first word zeroed)."""
+def _tag_ids(M: np.ndarray, X: np.ndarray, a: int, T: int, tags: Tags) -> np.ndarray:
+    """The tag id of every row of M (T tag bytes at M[:, a + 6:]); -1 where the tag is not UTF-8. The rows are
+    told apart by X, the uint32 words (one row of X per word, as in :func:`_decode_group`) that hold the tag
+    bytes and otherwise only bytes every row has the same (checked before)."""
     e = a + 6 + T
-    K = (T + 7) // 8
-    X = np.array(M[:, e - 8 * K:e], order="C", copy=True).view("<u8")  # a copy: X is modified below
-    drop = 8 * K - T
-    if drop:
-        X[:, 0] &= np.uint64((0xFFFFFFFFFFFFFFFF << (8 * drop)) & 0xFFFFFFFFFFFFFFFF)
     codes, first = _row_codes(X)
     gid = np.empty(len(first), dtype=np.int64)
     for c, r in enumerate(first.tolist()):
@@ -121,39 +118,63 @@ def _tag_ids(M: np.ndarray, a: int, T: int, tags: Tags) -> np.ndarray:
     return gid[codes]
 
 
+def _word_checks(pad: int, checks: tuple) -> dict[int, tuple[int, int]]:
+    """{word: (mask, expected)} for byte checks ((offset in the payload, value), ...) of rows left-padded by
+    ``pad`` bytes and read as little-endian uint32 words."""
+    words: dict[int, tuple[int, int]] = {}
+    for k, v in checks:
+        j, s = divmod(pad + k, 4)
+        m, e = words.get(j, (0, 0))
+        words[j] = (m | 0xFF << 8 * s, e | v << 8 * s)
+    return words
+
+
 def _decode_group(buf: np.ndarray, ds: np.ndarray, stored: np.ndarray, g: np.ndarray, Lg: int, sv: int,
                   tags: Tags):
     """One layout group ``g`` (records of Lg data bytes with an sv-byte step varint): None when the layout
     cannot hold a 1..127-byte tag (not checked here); else (CRC-mismatched records, decoded columns
-    (records, step, tag_id, value, wall_time) or None when no record has the layout exactly)."""
+    (records, step, tag_id, value, wall_time) or None when no record has the layout exactly).
+
+    The payloads are gathered once, left-padded to P (a multiple of 4) bytes, and transposed into W, P/4 rows of
+    uint32 words (W[j]: word j of every record, contiguous): W serves the CRC, the byte checks (a masked compare
+    per word that holds checked bytes), the step varint, the value (the last word) and the wall time."""
     a = 9 if sv == 0 else 10 + sv  # offset of the summary key
     T = Lg - a - 11
     if T < 1 or Lg - a - 2 > 127:
         return None
-    # (ng, P): whole payloads, left-padded to a multiple of 4 bytes, all with the same field offsets
     P = (Lg + 3) & ~3
-    Mc = rows(buf, ds[g] - (P - Lg), P)
-    M = Mc[:, P - Lg:]
-    raw = crc_words(np.ascontiguousarray(Mc.view("<u4").T), P - Lg)
-    crc_ok = mask(raw ^ np.uint32(zero_constant(Lg) ^ 0xFFFFFFFF)) == stored[g]
-    bad = g[~crc_ok]
-    ok = (crc_ok & (M[:, 0] == 0x09) & (M[:, a] == 0x2A) & (M[:, a + 1] == Lg - a - 2) & (M[:, a + 2] == 0x0A)
-          & (M[:, a + 3] == Lg - a - 4) & (M[:, a + 4] == 0x0A) & (M[:, a + 5] == T)
-          & (M[:, Lg - 5] == 0x15))
+    pad = P - Lg
+    Mc = rows(buf, ds[g] - pad, P)
+    W = np.ascontiguousarray(Mc.view("<u4").T)  # (P / 4, ng)
+    raw = crc_words(W, pad)
+    ok = mask(raw ^ np.uint32(zero_constant(Lg) ^ 0xFFFFFFFF)) == stored[g]
+    bad = g[~ok]
+    checks = ((0, 0x09), (a, 0x2A), (a + 1, Lg - a - 2), (a + 2, 0x0A), (a + 3, Lg - a - 4), (a + 4, 0x0A),
+              (a + 5, T), (Lg - 5, 0x15))
+    for j, (m, e) in _word_checks(pad, checks).items():
+        ok &= (W[j] & np.uint32(m)) == np.uint32(e)
+    M = Mc[:, pad:]
     if not ok.all():
-        g, M = g[ok], M[ok]
-        if g.size == 0:
+        keep = np.flatnonzero(ok)
+        if keep.size == 0:
             return bad, None
-    tid = _tag_ids(M, a, T, tags)
+        g, M, W = g[keep], M[keep], W[:, keep]
+    # the tag's words: from the one holding payload byte a + 6 (its bytes before the tag, from a + 3 on, were
+    # checked above) to the one before the last (which ends with the checked 0x15 key); the last is the value
+    tid = _tag_ids(M, W[(pad + a + 6) // 4:P // 4 - 1], a, T, tags)
     if (tid < 0).any():
-        keep = tid >= 0
-        g, M, tid = g[keep], M[keep], tid[keep]
+        keep = np.flatnonzero(tid >= 0)
+        g, tid, W = g[keep], tid[keep], W[:, keep]
     step = np.zeros(len(g), dtype=np.uint64)
     for k in range(sv):
-        step |= (M[:, 10 + k] & np.uint8(0x7F)).astype(np.uint64) << np.uint64(7 * k)
-    val = np.ascontiguousarray(M[:, Lg - 4:Lg]).view("<f4").reshape(-1)
-    wall = np.ascontiguousarray(M[:, 1:9]).view("<f8").reshape(-1)
-    return bad, (g, step.view(np.int64), tid, val, wall)
+        j, s = divmod(pad + 10 + k, 4)
+        step |= ((W[j] >> np.uint32(8 * s)) & np.uint32(0x7F)).astype(np.uint64) << np.uint64(7 * k)
+    val = W[-1].view("<f4")  # the payload's last 4 bytes: the last word
+    j, s = divmod(pad + 1, 4)  # wall_time: 8 bytes from payload byte 1
+    wall = W[j].astype(np.uint64) | (W[j + 1].astype(np.uint64) << np.uint64(32))
+    if s:
+        wall = (wall >> np.uint64(8 * s)) | (W[j + 2].astype(np.uint64) << np.uint64(64 - 8 * s))
+    return bad, (g, step.view(np.int64), tid, val, wall.view("<f8"))
 
 
 def fast_scalars(buf: np.ndarray, ds: np.ndarray, lens: np.ndarray, recs: np.ndarray, stored: np.ndarray,
