@@ -91,3 +91,77 @@ def test_damaged_records_among_fast_ones(tmp_path, monkeypatch):
     _same(fast, slow)
     assert sum(p.kind == "crc" for p in fast.problems) >= 10
 
+
+def _protobuf_decode(data: bytes):
+    """decode_event through protobuf only (texts, points, file_version), or None when protobuf refuses it."""
+    from higgs_diag.run import event_proto
+
+    texts: dict = {}
+    points: list = []
+    try:
+        with _no_simple(event_proto):
+            fv = event_proto.decode_event(data, 0, points, event_proto.Tags(), texts)
+    except Exception:  # noqa: BLE001 - DecodeError and friends
+        return None
+    return fv, texts, points
+
+
+class _no_simple:
+    def __init__(self, mod):
+        self.mod, self.saved = mod, mod._simple_event
+
+    def __enter__(self):
+        def refuse(data, texts):
+            raise self.mod._NotSimple
+
+        self.mod._simple_event = refuse
+
+    def __exit__(self, *exc):
+        self.mod._simple_event = self.saved
+
+
+def test_text_and_file_version_records_without_protobuf_match_protobuf():
+    """The records read without protobuf (file_version, text summaries in torch's form) give what protobuf gives;
+    every one-byte change of them is either read the same way as protobuf reads it or left to protobuf."""
+    from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2
+
+    from higgs_diag.run import event_proto
+
+    def text(tag, body, plugin="text", step=0, n_vals=1):
+        meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
+        v = summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor_pb2.TensorProto(
+            dtype=7, string_val=[body.encode()] * n_vals,
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])))
+        return event_pb2.Event(wall_time=1.7e9, step=step, summary=summary_pb2.Summary(value=[v])).SerializeToString()
+
+    from tensorboard.compat.proto import event_pb2 as epb
+
+    records = [event_pb2.Event(wall_time=1.7e9, file_version="brain.Event:2").SerializeToString(),
+               event_pb2.Event(wall_time=1.7e9, file_version="brain.Event:2", source_metadata=epb.SourceMetadata(
+                   writer="tensorboard.summary.writer.event_file_writer")).SerializeToString(),
+               text("args/text_summary", '{"a": 1, "b": "é"}'), text("model_config/text_summary", "{}", step=-3),
+               text("notes", "x", plugin=""), text("x/text_summary", "y", plugin=""), text("t", "", n_vals=0),
+               text("t2", "a\nb", n_vals=3), text("s", "v", plugin="scalars")]
+    rng = np.random.default_rng(3)
+    simple = 0
+    for rec in records:
+        variants = [rec] + [_set(rec, i, b) for i, b in zip(rng.integers(0, len(rec), 300).tolist(),
+                                                             rng.integers(0, 256, 300).tolist())]
+        for data in variants:
+            texts: dict = {}
+            try:
+                fv = event_proto._simple_event(data, texts)
+            except event_proto._NotSimple:
+                assert texts == {}
+                continue
+            simple += 1
+            ref = _protobuf_decode(data)
+            assert ref is not None, data
+            assert (fv, texts) == ref[:2] and ref[2] == [], data
+    assert simple > len(records)
+
+
+def _set(rec: bytes, i: int, b: int) -> bytes:
+    a = bytearray(rec)
+    a[i] = b
+    return bytes(a)

@@ -270,9 +270,113 @@ def _tensor_text(t) -> str | None:
     return "\n".join(vals) if vals else ""
 
 
+# The records a run's event file has besides its scalars, the file_version event and the text summaries (HF's
+# args and model_config), are read without protobuf when they are in the exact form TensorBoard and torch write
+# (every field known, each once, in field order): importing the protobuf classes costs more than all else
+# these records need. Anything else, or anything protobuf would refuse, goes to protobuf.
+class _NotSimple(Exception):
+    """Not in the form _simple_event reads: protobuf decides."""
+
+
+_STR, _BYTES, _MSG, _VARINT, _FIXED64 = range(5)
+_WIRE = {_STR: 2, _BYTES: 2, _MSG: 2, _VARINT: 0, _FIXED64: 1}
+# message: {field number: (kind, repeated, sub-message)}
+_DIM = {1: (_VARINT, False, None), 2: (_STR, False, None)}
+_SHAPE = {2: (_MSG, True, _DIM), 3: (_VARINT, False, None)}
+_TENSOR = {1: (_VARINT, False, None), 2: (_MSG, False, _SHAPE), 8: (_BYTES, True, None)}
+_PLUGIN = {1: (_STR, False, None), 2: (_BYTES, False, None)}
+_META = {1: (_MSG, False, _PLUGIN)}
+_VALUE = {1: (_STR, False, None), 8: (_MSG, False, _TENSOR), 9: (_MSG, False, _META)}
+_SUMMARY = {1: (_MSG, True, _VALUE)}
+_SOURCE = {1: (_STR, False, None)}  # SourceMetadata: writer
+_EVENT = {1: (_FIXED64, False, None), 2: (_VARINT, False, None), 3: (_STR, False, None), 5: (_MSG, False, _SUMMARY),
+          10: (_MSG, False, _SOURCE)}
+
+
+def _varint(b: bytes, i: int, end: int) -> tuple[int, int]:
+    x, shift = 0, 0
+    while True:
+        if i >= end or shift > 63:
+            raise _NotSimple
+        c = b[i]
+        i += 1
+        x |= (c & 0x7F) << shift
+        if c < 0x80:
+            if x >> 64:
+                raise _NotSimple
+            return x, i
+        shift += 7
+
+
+def _message(b: bytes, i: int, end: int, schema: dict) -> dict:
+    """{field: [values]} of the message b[i:end]: strings decoded, bytes as bytes, messages as dicts; raises
+    _NotSimple for a field not in ``schema``, a singular field twice, fields out of order, or bad bytes."""
+    out: dict[int, list] = {}
+    last = 0
+    while i < end:
+        key, i = _varint(b, i, end)
+        f, wire = key >> 3, key & 7
+        spec = schema.get(f)
+        if spec is None or _WIRE[spec[0]] != wire or f < last or (f == last and not spec[1]):
+            raise _NotSimple
+        last = f
+        kind = spec[0]
+        if kind == _VARINT:
+            v, i = _varint(b, i, end)
+        elif kind == _FIXED64:
+            if i + 8 > end:
+                raise _NotSimple
+            v, i = b[i:i + 8], i + 8
+        else:
+            n, i = _varint(b, i, end)
+            if i + n > end:
+                raise _NotSimple
+            if kind == _MSG:
+                v = _message(b, i, i + n, spec[2])
+            elif kind == _STR:
+                try:
+                    v = b[i:i + n].decode("utf-8")
+                except UnicodeDecodeError:  # protobuf refuses it (the record is reported by that path)
+                    raise _NotSimple from None
+            else:
+                v = b[i:i + n]
+            i += n
+        out.setdefault(f, []).append(v)
+    return out
+
+
+def _simple_event(data: bytes, texts: dict) -> str | None:
+    """:func:`decode_event` of a file_version event or of text summaries (DT_STRING tensors); raises _NotSimple
+    for anything else (then nothing was changed)."""
+    ev = _message(data, 0, len(data), _EVENT)
+    if (3 in ev) == (5 in ev):
+        raise _NotSimple
+    if 3 in ev:
+        return ev[3][0]
+    found = []
+    for v in ev[5][0].get(1, []):
+        if 8 not in v:
+            raise _NotSimple
+        tensor = v[8][0]
+        if tensor.get(1, [0])[0] != 7:  # DT_STRING only
+            raise _NotSimple
+        tag = v.get(1, [""])[0]
+        plugin = v.get(9, [{}])[0].get(1, [{}])[0].get(1, [""])[0]
+        if plugin == "text" or (plugin == "" and tag.endswith(TEXT_SUFFIX)):
+            vals = [x.decode("utf-8", errors="replace") for x in tensor.get(8, [])]
+            found.append((tag[: -len(TEXT_SUFFIX)] if tag.endswith(TEXT_SUFFIX) else tag, "\n".join(vals)))
+    for tag, text in found:
+        texts[tag] = text
+    return None
+
+
 def decode_event(data: bytes, rec: int, points: list, tags: Tags, texts: dict) -> str | None:
     """Protobuf path for one record: append (rec, step, tag_id, value, wall_time) for every scalar,
     store text summaries; returns the file_version if the event has one. Raises DecodeError."""
+    try:
+        return _simple_event(data, texts)
+    except _NotSimple:
+        pass
     from tensorboard.compat.proto import event_pb2
 
     ev = event_pb2.Event.FromString(data)

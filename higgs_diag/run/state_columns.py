@@ -267,20 +267,19 @@ class _Flat:
         """(key tuple, indices, selectors or None for all) of the entries, in the order each key tuple first
         appears. When one key tuple is most of the entries (a training log), the others are found among the rest
         only."""
-        kt = list(map(tuple, ents))
-        top = kt[len(kt) // 2]
-        sel = list(map(operator.eq, kt, repeat(top)))
+        top = tuple(ents[len(ents) // 2])
+        sel = list(map(operator.eq, map(tuple, ents), repeat(top)))  # each key tuple made and let go at once
         same = np.array(sel, dtype=bool)
         if same.all():
-            return [(top, np.arange(len(kt)), None)]
+            return [(top, np.arange(len(ents)), None)]
         rest = np.flatnonzero(~same)
-        if len(rest) * 2 > len(kt):  # no key tuple dominates: group every entry
-            rest = np.arange(len(kt))
+        if len(rest) * 2 > len(ents):  # no key tuple dominates: group every entry
+            rest = np.arange(len(ents))
         groups: dict[tuple, list[int]] = {}
         for i in rest.tolist():
-            groups.setdefault(kt[i], []).append(i)
+            groups.setdefault(tuple(ents[i]), []).append(i)
         out = [(k, np.asarray(v, dtype=np.int64), None) for k, v in groups.items()]
-        if len(rest) < len(kt):
+        if len(rest) < len(ents):
             out.append((top, np.flatnonzero(same), sel))
         out.sort(key=lambda g: int(g[1][0]))
         return out
