@@ -204,8 +204,8 @@ class _ChunkReader:
         points: list[tuple] = []
         _decode_rest(buf, ds, lens, file_starts, np.flatnonzero(todo), good, res, points, tags, self.texts)
         self.n_good += int(good.sum())
-        cols = _assemble(R, (f_rec, f_step, f_tag, f_val, f_wall), points, tags)
-        if cols is not None:
+        cols = _assemble(R, (f_rec, f_step, f_tag, f_val, f_wall), points, tags, self.cols)
+        if cols is not None and not cols[4]:
             self.cols.append(cols[:4])
 
     def columns(self):
@@ -254,6 +254,21 @@ class _Columns:
             self.fill += k
             off += k
         self.n += m
+
+    def reserve(self, m: int) -> list[np.ndarray] | None:
+        """The slots of the next ``m`` points (step, tag id, value, wall_time views into the slab being filled), to
+        be written by the caller, when they fit in that slab; None otherwise (then :meth:`append`)."""
+        if not self.slabs or self.fill + m > self.cap:
+            return None
+        views = [a[self.fill:self.fill + m] for a in self.slabs[-1]]
+        self.fill += m
+        self.n += m
+        return views
+
+    def release(self, m: int) -> None:
+        """Give back the last ``m`` points reserved."""
+        self.fill -= m
+        self.n -= m
 
     def take(self) -> list[np.ndarray]:
         """The columns of the n points; this object forgets them."""
@@ -439,36 +454,44 @@ def _decode_rest(buf: np.ndarray, ds: np.ndarray, lens: np.ndarray, starts: np.n
             kind="unreadable"))
 
 
-def _assemble(R: int, fast: tuple, points: list, tags: Tags):
-    """(step, tag_id, value, wall_time, tag names) in file order, from the fast path's columns
+def _assemble(R: int, fast: tuple, points: list, tags: Tags, slots: "_Columns | None" = None):
+    """(step, tag_id, value, wall_time, written) in file order, from the fast path's columns
     (record, step, tag_id, value, wall_time; one point per record) and the protobuf path's points
-    (record, step, tag_id, value, wall_time) tuples, in record order; None when there are no points."""
+    (record, step, tag_id, value, wall_time) tuples, in record order; None when there are no points.
+    ``slots.reserve(n)`` may give the four columns to write into (``written`` is then True)."""
     f_rec = fast[0]
-    cnt = np.zeros(R, dtype=np.int64)
-    cnt[f_rec] = 1
-    if points:
-        p_rec = np.fromiter((p[0] for p in points), dtype=np.int64, count=len(points))
-        np.add.at(cnt, p_rec, 1)
-    total = int(cnt.sum())
+    if not points and len(f_rec) == R:  # every record one fast point: record r is point r
+        total, pos = R, None
+    else:
+        cnt = np.zeros(R, dtype=np.int64)
+        cnt[f_rec] = 1
+        if points:
+            p_rec = np.fromiter((p[0] for p in points), dtype=np.int64, count=len(points))
+            np.add.at(cnt, p_rec, 1)
+        total = int(cnt.sum())
+        pos = np.cumsum(cnt) - cnt
     if not total:
         return None
-    pos = np.cumsum(cnt) - cnt
-    step = np.empty(total, dtype=np.int64)
-    tid = np.empty(total, dtype=np.int32)
-    val = np.empty(total, dtype=np.float64)
-    wall = np.empty(total, dtype=np.float64)
-    at = pos[f_rec]
-    step[at], tid[at], val[at], wall[at] = fast[1:]
-    del at
-    if points:
-        first = np.r_[True, p_rec[1:] != p_rec[:-1]]
-        grp = np.cumsum(first) - 1
-        start_of_grp = np.flatnonzero(first)
-        at = pos[p_rec] + (np.arange(len(points)) - start_of_grp[grp])
-        step[at] = [p[1] for p in points]
-        tid[at] = [p[2] for p in points]
-        val[at] = [p[3] for p in points]
-        wall[at] = [p[4] for p in points]
-    names = np.empty(len(tags.names), dtype=object)
-    names[:] = tags.names
-    return step, tid, val, wall, names
+    out = slots.reserve(total) if slots is not None else None
+    written = out is not None
+    if out is None:
+        out = [np.empty(total, dtype=d) for d in (np.int64, np.int32, np.float64, np.float64)]
+    step, tid, val, wall = out
+    try:
+        at = f_rec if pos is None else pos[f_rec]
+        step[at], tid[at], val[at], wall[at] = fast[1:]
+        del at
+        if points:
+            first = np.r_[True, p_rec[1:] != p_rec[:-1]]
+            grp = np.cumsum(first) - 1
+            start_of_grp = np.flatnonzero(first)
+            at = pos[p_rec] + (np.arange(len(points)) - start_of_grp[grp])
+            step[at] = [p[1] for p in points]
+            tid[at] = [p[2] for p in points]
+            val[at] = [p[3] for p in points]
+            wall[at] = [p[4] for p in points]
+    except BaseException:
+        if written:  # nothing of this chunk is kept, as when it is assembled apart
+            slots.release(total)
+        raise
+    return step, tid, val, wall, written

@@ -225,6 +225,15 @@ _BOM = b"\xef\xbb\xbf"
 def _read_whole(raw: bytes, name: str) -> StateResult:
     if not raw[:64].strip() and not raw.strip():
         return StateResult(None, problems=[ReadProblem(name, "empty file", kind="empty", fatal=True)])
+    tried = not raw.startswith(_BOM)
+    if tried:  # first the fast parser: JSON it reads is UTF-8 text (it checks) and no Git LFS pointer
+        data = fast_loads(raw)
+        if data is not NOT_FAST:
+            try:
+                return state_result(data, name, [], fast=True)
+            except _TooDeep:  # nested over the limit: the exact path below says where
+                pass
+        data = None
     text = None
     if not raw.isascii():
         try:
@@ -241,7 +250,7 @@ def _read_whole(raw: bytes, name: str) -> StateResult:
             kind="lfs-pointer", fatal=True)])
     if raw.startswith(_BOM):
         raw = raw[3:]
-    data = fast_loads(raw)
+    data = fast_loads(raw) if not tried else NOT_FAST
     if data is not NOT_FAST:
         try:
             return state_result(data, name, [], fast=True)
