@@ -48,3 +48,28 @@ def test_odd_files_read_as_the_old_reader_read_them(tmp_path, name):
     path = tmp_path / "trainer_state.json"
     path.write_bytes(CASES[name])
     same(path)
+
+
+def test_used_codes_and_lazy_metrics_are_what_counting_gives():
+    """``metric_used`` (tracked while reading) is the codes that have points, as counting them gives; ``metrics``
+    (made when asked for) is the name of every point."""
+    import numpy as np
+
+    from test_trainer_state_fast import FILES
+
+    from higgs_diag.run.trainer_state import read_trainer_state
+
+    paths = list(FILES)
+    seen = 0
+    for path in paths:
+        res = read_trainer_state(path)
+        if res.metric_codes is None:
+            continue
+        seen += 1
+        counted = np.flatnonzero(np.bincount(res.metric_codes, minlength=len(res.metric_names)))
+        assert np.array_equal(res.metric_used, counted), path
+        assert "metrics" not in res.__dict__
+        names = [res.metric_names[c] for c in res.metric_codes.tolist()]
+        assert list(res.metrics) == names and res.metrics is res.metrics, path
+    assert seen >= 3
+    assert not hasattr(read_trainer_state(paths[0]), "no_such_field")

@@ -189,6 +189,7 @@ class _Flat:
         self.last = 0  # the step of the last entry that had one
         self.first: dict[tuple, int] = {}  # key tuple -> its first entry (the order problems are reported in)
         self.codes: dict[str, int] = {}  # canonical metric name -> code
+        self.used: set[int] = set()  # the codes that have a point
         self.parts: list[tuple] = []
         self.examples: list[tuple] = []  # (order key, what) of out-of-range values
         self.n_range = 0
@@ -369,6 +370,7 @@ class _Flat:
             codes = np.array([self.codes.setdefault(KEY_ALIASES.get(k, k), len(self.codes)) for k in keys],
                              dtype=np.int32)
             cnt[eidx] = len(keys) if present is None else present.sum(axis=1)
+            self.used.update((codes if present is None else codes[present.any(axis=0)]).tolist())
             blocks.append((eidx, vals, present, codes))
         n_dicts = n if where is None else len(where)
         self.res.info.entries_without_step += int(n_dicts - (has.sum() if where is None else has[where].sum()))
@@ -423,9 +425,8 @@ class _Flat:
             return
         res.steps, codes, res.values = ([p[k] for p in parts][0] if len(parts) == 1 else
                                         np.concatenate([p[k] for p in parts]) for k in range(3))
-        names = np.empty(len(self.codes), dtype=object)
-        names[:] = list(self.codes)
-        res.metrics = names[codes]
         res.metric_codes, res.metric_names = codes, list(self.codes)
+        res.metric_used = np.asarray(sorted(self.used), dtype=np.int64)
+        res.__dict__.pop("metrics", None)  # the names per point are made when asked for (StateResult.__getattr__)
 
 

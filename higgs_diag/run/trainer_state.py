@@ -140,6 +140,19 @@ class StateResult:
     long_keys: int = 0  # log_history keys longer than limits.MAX_NAME_CHARS (their values are left out)
     metric_codes: "np.ndarray | None" = None  # metrics as int32 codes into metric_names (what load_run uses)
     metric_names: list[str] = field(default_factory=list)
+    metric_used: "np.ndarray | None" = None  # the codes that have points, ascending (None: counted when needed)
+
+    def __getattr__(self, name: str):
+        """``metrics`` (the name of every point, an object array) is made from the codes when first asked for:
+        load_run uses the codes (:meth:`metric_categorical`), so analyze never builds it (861k references for
+        the reference run)."""
+        d = self.__dict__
+        if name == "metrics" and d.get("metric_codes") is not None:
+            names = np.empty(len(d["metric_names"]), dtype=object)
+            names[:] = d["metric_names"]
+            d["metrics"] = m = names[d["metric_codes"]]
+            return m
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def metric_categorical(self):
         """``metrics`` as a pandas Categorical (categories sorted, as ``pd.Categorical(metrics)`` gives them),
@@ -149,7 +162,8 @@ class StateResult:
         if self.metric_codes is None:
             return pd.Categorical(np.asarray(self.metrics, dtype=object))
         names = np.asarray(self.metric_names, dtype=object)
-        used = np.flatnonzero(np.bincount(self.metric_codes, minlength=len(names)))
+        used = (self.metric_used if self.metric_used is not None
+                else np.flatnonzero(np.bincount(self.metric_codes, minlength=len(names))))
         order = used[np.argsort(names[used].astype(str), kind="stable")]
         remap = np.full(len(names), -1, dtype=np.int32)
         remap[order] = np.arange(len(order), dtype=np.int32)
