@@ -186,6 +186,11 @@ def _single_threaded_blas() -> None:
 TRIAGE_ORDER = {"critical": 0, "warning": 1, "healthy": 2}
 
 
+# The triage table's verdict for a run with no report, by error_kind: a killed worker (out of memory, most likely)
+# is not reported as a bug of higgs-diag, though both exit 3.
+UNANALYZED_VERDICT = {"unreadable": "error", "internal": "internal-error", "crashed": "worker-killed"}
+
+
 def _triage(runs: list[Path], fmt: str, jobs: int | None, output: Path | None, fail_on: str, thresholds,
             selection) -> None:
     """Many runs: one line each (verdict, top finding, steps, path), worst first; JSON lines with --format json
@@ -203,8 +208,8 @@ def _triage(runs: list[Path], fmt: str, jobs: int | None, output: Path | None, f
         rep = res["report"]
         if rep is None:
             codes.append(2 if res["kind"] == "unreadable" else INTERNAL_ERROR)
-            rows.append((3, "error" if res["kind"] == "unreadable" else "internal-error", "-",
-                         res["error"], "-", res["run_dir"]))
+            rows.append((3, UNANALYZED_VERDICT.get(res["kind"], "internal-error"), "-", res["error"], "-",
+                         res["run_dir"]))
             continue
         worst = max((Severity.parse(f["severity"]) for f in rep["findings"]), default=Severity.INFO)
         codes.append(1 if fail_on != "never" and worst >= Severity.parse(fail_on) else 0)

@@ -104,13 +104,13 @@ def test_a_run_that_killed_its_worker_once_is_retried_and_analyzed(tmp_path):
     _no_workers_left()
 
 
-def test_the_cli_reports_a_dead_worker_as_an_internal_error_exit_3(tmp_path, monkeypatch):
+def test_the_cli_reports_a_dead_worker_as_worker_killed_exit_3(tmp_path, monkeypatch):
     runs = [_copy(tmp_path, "healthy"), _copy(tmp_path, "no-learning", "victim", KILL)]
     monkeypatch.setattr(api, "_outcome", _killing)  # the workers import the module afresh: _killing is pickled
     r = runner().invoke(main, ["analyze", *map(str, runs), "--jobs", "2"])
     assert r.exit_code == 3, r.output
     lines = r.stdout.strip().splitlines()
-    assert lines[1].startswith("healthy") and lines[2].startswith("internal-error")
+    assert lines[1].startswith("healthy") and lines[2].startswith("worker-killed")
     assert "worker process killed by SIGKILL" in lines[2] and "victim" in lines[2]
     assert "2 runs: 0 critical, 0 warning, 1 healthy, 1 not analyzed" in r.stderr
     _no_workers_left()
