@@ -11,9 +11,9 @@ file read, load_run (the frame assembled), the checks (diagnose), the JSON repor
 ru_maxrss (os.wait4). Stages show where the peak is and whose code holds it.
 
 Issue #11 (concurrency): on the reference run (state file + event file), analyze with the event file read in a
-forked worker (HIGGS_DIAG_READ_WORKER=1; off by default) against the default serial read, in alternating pairs
-of fresh processes; the median of the pairs' wall-time ratios. The worker can only win with an idle core: on
-the shared, busy machine it did not (docs/performance.md, "The Run"), hence serial by default.
+forked worker (the default) against the serial read (HIGGS_DIAG_READ_WORKER=0), in alternating pairs of fresh
+processes; the median of the pairs' wall-time ratios. The worker can only win with an idle core: 0.85x on the
+quiet machine, about 1.0x on the shared, busy one (docs/performance.md).
 
 Usage: python benchmarks/bench_run_memory.py [--regenerate] [--quick] [--pairs N]
   --quick   skip the 1 GiB / 200 MiB runs (only the concurrency pairs)
@@ -116,8 +116,8 @@ def concurrency(pairs: int) -> None:
     if not ref.exists():
         subprocess.run([sys.executable, str(HERE / "bench_analyze.py"), "--generate-only"], check=True)
     cli = [str(Path(sys.executable).parent / "higgs-diag"), "analyze", str(ref), "--format", "json"]
-    env_worker = {**os.environ, "HIGGS_DIAG_READ_WORKER": "1"}
-    env_serial = {k: v for k, v in os.environ.items() if k != "HIGGS_DIAG_READ_WORKER"}
+    env_worker = {k: v for k, v in os.environ.items() if k != "HIGGS_DIAG_READ_WORKER"}  # the default
+    env_serial = {**os.environ, "HIGGS_DIAG_READ_WORKER": "0"}
     measure(cli, env_worker)  # warm the page cache
     ratios, walls = [], {"worker": [], "serial": []}
     for i in range(pairs):

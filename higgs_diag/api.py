@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 from .config import ReplayOptions, Selection, Thresholds
 from .diagnosis import Diagnosis
 from .evidence import ReplayEvidence
+from .run.load import READ_WORKER_ENV, usable_cores
 from .run.model import Run
 
 Progress = Callable[[int, int, str], None]
@@ -189,15 +190,6 @@ def _outcome(run_dir: str, options: dict, output: str | None = None) -> dict:
         return {"run_dir": run_dir, "report": None, "error": f"{type(e).__name__}: {e}", "kind": "internal"}
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. under `taskset` or a batch scheduler), which
-    ``os.cpu_count()`` over-counts when the process is pinned to fewer."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
 def analyze_many(run_dirs: Iterable[str | os.PathLike], *, jobs: int | None = None,
                  outputs: Iterable[str | os.PathLike | None] | None = None, _work: Callable | None = None,
                  **options):
@@ -267,7 +259,7 @@ def _pooled(work: Callable, tasks: list[tuple], jobs: int):
             done[i] = _alone(ctx, work, tasks[i])
         else:
             before = emitted + len(done)  # finished so far
-            pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx)
+            pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx, initializer=_serial_reads)
             running: dict = {}
             try:
                 while todo or running:
@@ -323,7 +315,14 @@ def _alone(ctx, work: Callable, task: tuple) -> dict:
     return _failed(task[0], _death(child.exitcode, task[0]), "crashed")
 
 
+def _serial_reads() -> None:
+    """In a worker process: read each run's files one after the other (no forked event-file reader: the other
+    workers keep every core busy, and a retried run that may have run out of memory gets no second process)."""
+    os.environ[READ_WORKER_ENV] = "0"
+
+
 def _child(conn, work: Callable, task: tuple) -> None:
+    _serial_reads()
     try:
         outcome = work(*task)
     except BaseException as e:  # noqa: BLE001 - work() catches its own; this is a last line

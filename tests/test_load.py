@@ -186,7 +186,7 @@ def always_concurrent(monkeypatch):
 
 def _serial(monkeypatch, root):
     with monkeypatch.context() as m:
-        m.delenv(load.READ_WORKER_ENV, raising=False)
+        m.setenv(load.READ_WORKER_ENV, "0")
         return load.load_run(root)
 
 
@@ -237,19 +237,30 @@ def test_worker_failure_reads_again_here(tmp_path, monkeypatch, always_concurren
     assert calls and calls[-1] == os.getpid()  # raised here, after the child failed the same way
 
 
-def test_serial_by_default_when_small_or_alone(tmp_path, monkeypatch):
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_the_worker_is_the_default_and_reads_serially_when_it_cannot_help(tmp_path, monkeypatch):
     root = _write_run(tmp_path / "r", list(range(1, 30)), log=False)
     started = []
     orig = load._EventWorker.start.__func__
     monkeypatch.setattr(load._EventWorker, "start",
                         classmethod(lambda cls, f, s: started.append(orig(cls, f, s)) or started[-1]))
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.setattr(load, "usable_cores", lambda: 2)
     monkeypatch.delenv(load.READ_WORKER_ENV, raising=False)
-    load.load_run(root)  # not asked for
-    monkeypatch.setenv(load.READ_WORKER_ENV, "1")
+    load.load_run(root)  # the default: forked
+    assert started[-1] is not None and started[-1].pid is None  # started and reaped
+    monkeypatch.setenv(load.READ_WORKER_ENV, "0")
+    load.load_run(root)  # turned off
+    monkeypatch.delenv(load.READ_WORKER_ENV)
+    monkeypatch.setattr(load, "usable_cores", lambda: 1)
+    load.load_run(root)  # one core: nothing to overlap on
+    monkeypatch.setattr(load, "usable_cores", lambda: 2)
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 1 << 20)
     load.load_run(root)  # files of a few KB: below CONCURRENT_MIN_BYTES
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.setattr(load, "CONCURRENT_MAX_BYTES", 100)
+    load.load_run(root)  # the event file over CONCURRENT_MAX_BYTES: the two processes' memory would add up
+    monkeypatch.setattr(load, "CONCURRENT_MAX_BYTES", 1 << 30)
     (root / "trainer_state.json").unlink()
     load.load_run(root)  # only an event file: nothing to overlap
-    assert started == [None, None, None]
+    assert started[1:] == [None] * 5

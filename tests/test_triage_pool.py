@@ -114,3 +114,20 @@ def test_the_cli_reports_a_dead_worker_as_worker_killed_exit_3(tmp_path, monkeyp
     assert "worker process killed by SIGKILL" in lines[2] and "victim" in lines[2]
     assert "2 runs: 0 critical, 0 warning, 1 healthy, 1 not analyzed" in r.stderr
     _no_workers_left()
+
+
+def _read_worker_setting(run_dir: str, options: dict, output: str | None = None) -> dict:
+    """Runs in a worker: reports the forked-reader setting it sees, as its error text."""
+    return {"run_dir": run_dir, "report": None, "error": os.environ.get("HIGGS_DIAG_READ_WORKER"), "kind": "internal"}
+
+
+def test_workers_read_their_runs_serially(tmp_path, monkeypatch):
+    """Every core is busy with a run of its own: no worker forks a second reader (HIGGS_DIAG_READ_WORKER=0 in
+    the pool's workers and in a retry's own process), whatever this process has."""
+    monkeypatch.delenv("HIGGS_DIAG_READ_WORKER", raising=False)
+    runs = [_copy(tmp_path, "healthy"), _copy(tmp_path, "no-learning")]
+    assert [o["error"] for o in analyze_many(runs, jobs=2, _work=_read_worker_setting)] == ["0", "0"]
+    ctx = multiprocessing.get_context("spawn")
+    assert api._alone(ctx, _read_worker_setting, (str(runs[0]), {}, None))["error"] == "0"
+    assert os.environ.get("HIGGS_DIAG_READ_WORKER") is None  # this process is untouched
+    _no_workers_left()

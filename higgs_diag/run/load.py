@@ -313,21 +313,24 @@ def _usable(run: Run) -> bool:
                 or progress)
 
 
-# ---- reading the event files in a second process (opt-in) ------------------------------------------------------
+# ---- reading the event files in a second process ------------------------------------------------------------
 # analyze spends most of its reading time in two files that do not depend on each other: the trainer_state.json
-# (json parsing, which holds the GIL) and the event file (numpy). With HIGGS_DIAG_READ_WORKER=1, both present and
-# large enough, the event files are read in a forked child process while this one reads the state files; the
-# child sends each EventFileResult back through a pipe (pickle protocol 5, the numpy columns as out-of-band
-# buffers received straight into their final memory). Whatever goes wrong in the child (a reader exception, a
-# crash, a broken pipe) is never reported from there: the files it did not deliver are read again in this
-# process, so results and errors are exactly the serial ones. Serial when fork is unavailable, when other Python
-# threads run (a fork copies only this one), or for small files.
-# Off by default: measured on the shared 2-core machine (docs/performance.md, "The Run") it was 1.07x the serial
-# wall time (the fork's copy-on-write faults and the transfer cost ~6% more CPU, and no core was idle); threads
-# were no faster either (json holds the GIL). It can only win with an idle core: benchmarks/bench_run_memory.py
-# measures both ways.
+# (json parsing, which holds the GIL) and the event file (numpy). When both are present, at least
+# CONCURRENT_MIN_BYTES and the event files at most CONCURRENT_MAX_BYTES, the event files are read in a forked
+# child process while this one reads the state files; the child sends each EventFileResult back through a pipe
+# (pickle protocol 5, the numpy columns as out-of-band buffers received straight into their final memory).
+# Whatever goes wrong in the child (a reader exception, a crash, a broken pipe) is never reported from there: the
+# files it did not deliver are read again in this process, so results and errors are exactly the serial ones.
+# Serial when fork is unavailable, when this process may use one core only, when other Python threads run (a
+# fork copies only this one), for small files, for large event files (the two processes' memory would add up:
+# above CONCURRENT_MAX_BYTES memory matters more than the overlap), in `analyze_many`'s worker processes (every
+# core is busy there) and with HIGGS_DIAG_READ_WORKER=0.
+# Measured (docs/performance.md, "higgs-diag analyze on a real-size run"): 0.85x the serial wall time for 1.07x
+# the CPU on the quiet 2-core machine (15 pairs), 1.01x under load (no idle core); threads were no faster (json
+# holds the GIL).
 CONCURRENT_MIN_BYTES = 4 * 1024 * 1024  # both the state files and the event files at least this big
-READ_WORKER_ENV = "HIGGS_DIAG_READ_WORKER"
+CONCURRENT_MAX_BYTES = 256 * 1024 * 1024  # and the event files at most this big
+READ_WORKER_ENV = "HIGGS_DIAG_READ_WORKER"  # "0": always read serially
 _HEAD = struct.Struct("<q")
 
 
@@ -339,10 +342,10 @@ class _EventWorker:
 
     @classmethod
     def start(cls, files: RunFiles, size) -> "_EventWorker | None":
-        if (not files.trainer_states or not files.event_files or os.environ.get(READ_WORKER_ENV) != "1"
-                or not hasattr(os, "fork") or threading.active_count() > 1
+        if (not files.trainer_states or not files.event_files or os.environ.get(READ_WORKER_ENV) == "0"
+                or not hasattr(os, "fork") or threading.active_count() > 1 or usable_cores() < 2
                 or sum(map(size, files.trainer_states)) < CONCURRENT_MIN_BYTES
-                or sum(map(size, files.event_files)) < CONCURRENT_MIN_BYTES):
+                or not CONCURRENT_MIN_BYTES <= sum(map(size, files.event_files)) <= CONCURRENT_MAX_BYTES):
             return None
         from .events import read_event_file  # imported before the fork: the child starts reading at once
 
@@ -403,6 +406,15 @@ class _EventWorker:
             os.waitpid(pid, 0)
         except OSError:  # ChildProcessError: already reaped
             pass
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under `taskset` or a batch scheduler), which
+    ``os.cpu_count()`` over-counts when the process is pinned to fewer."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _send_results(fd: int, results: list) -> None:
