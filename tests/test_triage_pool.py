@@ -10,6 +10,8 @@ import shutil
 import signal
 from pathlib import Path
 
+import pytest
+
 from higgs_diag import api
 from higgs_diag.api import _outcome, analyze_many
 from higgs_diag.cli import main
@@ -49,7 +51,7 @@ def _attempts(run: Path) -> int:
 
 def _no_workers_left() -> None:
     assert multiprocessing.active_children() == []
-    # and by /proc (not only what multiprocessing tracks): no spawned worker of ours, alive or a zombie
+    # and by /proc (not only what multiprocessing tracks): no worker of ours (spawned or forked), alive or a zombie
     me = str(os.getpid())
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -58,7 +60,14 @@ def _no_workers_left() -> None:
         except OSError:
             continue
         ppid = stat.rsplit(")", 1)[1].split()[1]
-        assert not (ppid == me and "spawn_main" in cmd), f"worker {pid} left behind: {stat}"
+        assert not (ppid == me and "resource_tracker" not in cmd), f"worker {pid} left behind: {stat}"
+
+
+@pytest.fixture(autouse=True, params=["fork", "spawn"])
+def start_method(request, monkeypatch):
+    """Every test with forked workers (the default in a single-threaded process) and with spawned ones."""
+    monkeypatch.setattr(api, "_start_method", lambda: request.param)
+    return request.param
 
 
 def _findings(outcome: dict) -> list:
@@ -131,3 +140,17 @@ def test_workers_read_their_runs_serially(tmp_path, monkeypatch):
     assert api._alone(ctx, _read_worker_setting, (str(runs[0]), {}, None))["error"] == "0"
     assert os.environ.get("HIGGS_DIAG_READ_WORKER") is None  # this process is untouched
     _no_workers_left()
+
+
+def test_workers_are_forked_from_a_single_threaded_process_and_spawned_otherwise(tmp_path):
+    """In a fresh interpreter (one thread) the pool forks; once another thread runs, it spawns."""
+    import subprocess
+    import sys
+
+    code = ("import threading, time\n"
+            "from higgs_diag import api\n"
+            "a = api._start_method()\n"
+            "threading.Thread(target=time.sleep, args=(1,), daemon=True).start()\n"
+            "print(a, api._start_method())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["fork", "spawn"], out.stderr
