@@ -14,6 +14,7 @@ Usage: python benchmarks/bench_checks.py [--repeat N] [--profile]
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
 import shutil
@@ -84,7 +85,8 @@ def main() -> None:
     # child compile the rule modules again (~50 ms of the first call). The children get a bytecode cache in a
     # temporary folder (never in the repo), filled by one warm-up child that is not counted.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="bench-checks-pyc-")
+    env["PYTHONPYCACHEPREFIX"] = pyc = tempfile.mkdtemp(prefix="bench-checks-pyc-")
+    atexit.register(shutil.rmtree, pyc, True)
     subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True, check=True, env=env)
     cold, cpu = [], []
     for _ in range(a.repeat):
