@@ -102,7 +102,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("higgs-diag analyze: growth with the run (shared 2-core machine)", fontsize=10)
+    fig.suptitle("higgs-diag analyze: growth with the run (2-core machine)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
