@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 from .config import ReplayOptions, Selection, Thresholds
 from .diagnosis import Diagnosis
 from .evidence import ReplayEvidence
-from .run.load import READ_WORKER_ENV, usable_cores
+from .run.load import READ_WORKER_ENV, single_threaded, usable_cores
 from .run.model import Run
 
 Progress = Callable[[int, int, str], None]
@@ -297,11 +297,7 @@ def _start_method() -> str:
     copy of a multi-threaded process can deadlock on a lock a vanished thread held), or where fork is missing."""
     import multiprocessing
 
-    try:
-        single = len(os.listdir("/proc/self/task")) == 1  # every thread of this process, native ones included
-    except OSError:  # no /proc (not Linux): threads cannot be counted, so no fork
-        single = False
-    return "fork" if single and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return "fork" if single_threaded() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _failed(run_dir: str, error: str, kind: str) -> dict:

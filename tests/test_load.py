@@ -171,6 +171,8 @@ def test_assemble_keeps_category_order_and_lets_parts_go():
 @pytest.fixture
 def always_concurrent(monkeypatch):
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.setattr(load, "single_threaded", lambda: True)  # the test process may have BLAS threads
+    monkeypatch.setattr(load, "usable_cores", lambda: 2)
     monkeypatch.setenv(load.READ_WORKER_ENV, "1")
     started = []
     orig = load._EventWorker.start.__func__
@@ -246,6 +248,7 @@ def test_the_worker_is_the_default_and_reads_serially_when_it_cannot_help(tmp_pa
                         classmethod(lambda cls, f, s: started.append(orig(cls, f, s)) or started[-1]))
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
     monkeypatch.setattr(load, "usable_cores", lambda: 2)
+    monkeypatch.setattr(load, "single_threaded", lambda: True)
     monkeypatch.delenv(load.READ_WORKER_ENV, raising=False)
     load.load_run(root)  # the default: forked
     assert started[-1] is not None and started[-1].pid is None  # started and reaped
@@ -255,6 +258,9 @@ def test_the_worker_is_the_default_and_reads_serially_when_it_cannot_help(tmp_pa
     monkeypatch.setattr(load, "usable_cores", lambda: 1)
     load.load_run(root)  # one core: nothing to overlap on
     monkeypatch.setattr(load, "usable_cores", lambda: 2)
+    monkeypatch.setattr(load, "single_threaded", lambda: False)
+    load.load_run(root)  # another thread runs: a fork could deadlock
+    monkeypatch.setattr(load, "single_threaded", lambda: True)
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 1 << 20)
     load.load_run(root)  # files of a few KB: below CONCURRENT_MIN_BYTES
     monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
@@ -263,4 +269,4 @@ def test_the_worker_is_the_default_and_reads_serially_when_it_cannot_help(tmp_pa
     monkeypatch.setattr(load, "CONCURRENT_MAX_BYTES", 1 << 30)
     (root / "trainer_state.json").unlink()
     load.load_run(root)  # only an event file: nothing to overlap
-    assert started[1:] == [None] * 5
+    assert started[1:] == [None] * 6

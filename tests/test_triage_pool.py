@@ -147,10 +147,27 @@ def test_workers_are_forked_from_a_single_threaded_process_and_spawned_otherwise
     import subprocess
     import sys
 
-    code = ("import threading, time\n"
+    code = ("import os, threading, time\n"
+            "os.environ['OPENBLAS_NUM_THREADS'] = '1'  # as the CLI asks; numpy's default pool is a thread\n"
             "from higgs_diag import api\n"
             "a = api._start_method()\n"
             "threading.Thread(target=time.sleep, args=(1,), daemon=True).start()\n"
             "print(a, api._start_method())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["fork", "spawn"], out.stderr
+
+
+def test_a_single_thread_is_counted_with_the_native_ones():
+    """numpy's OpenBLAS pool is an operating-system thread that threading does not list: it forbids a fork."""
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("OpenBLAS starts no second thread on one core")
+
+    code = ("import os\nos.environ['OPENBLAS_NUM_THREADS'] = os.environ['N']\nimport numpy, threading\n"
+            "from higgs_diag.run.load import single_threaded\nprint(threading.active_count(), single_threaded())\n")
+    one = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "N": "1"})
+    two = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "N": "2"})
+    assert one.stdout.split() == ["1", "True"], one.stderr
+    assert two.stdout.split() == ["1", "False"], two.stderr

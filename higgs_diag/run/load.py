@@ -7,7 +7,6 @@ import pickle
 import signal
 import struct
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -321,10 +320,11 @@ def _usable(run: Run) -> bool:
 # (pickle protocol 5, the numpy columns as out-of-band buffers received straight into their final memory).
 # Whatever goes wrong in the child (a reader exception, a crash, a broken pipe) is never reported from there: the
 # files it did not deliver are read again in this process, so results and errors are exactly the serial ones.
-# Serial when fork is unavailable, when this process may use one core only, when other Python threads run (a
-# fork copies only this one), for small files, for large event files (the two processes' memory would add up:
-# above CONCURRENT_MAX_BYTES memory matters more than the overlap), in `analyze_many`'s worker processes (every
-# core is busy there) and with HIGGS_DIAG_READ_WORKER=0.
+# Serial when fork is unavailable, when this process may use one core only, when another thread runs (a fork
+# copies only this one: see single_threaded; the CLI's log-only analyze asks numpy for one BLAS thread, a
+# library caller with numpy's default thread pool reads serially), for small files, for large event files (the
+# two processes' memory would add up: above CONCURRENT_MAX_BYTES memory matters more than the overlap), in
+# `analyze_many`'s worker processes (every core is busy there) and with HIGGS_DIAG_READ_WORKER=0.
 # Measured (docs/performance.md, "higgs-diag analyze on a real-size run"): 0.85x the serial wall time for 1.07x
 # the CPU on the quiet 2-core machine (15 pairs), 1.01x under load (no idle core); threads were no faster (json
 # holds the GIL).
@@ -343,7 +343,7 @@ class _EventWorker:
     @classmethod
     def start(cls, files: RunFiles, size) -> "_EventWorker | None":
         if (not files.trainer_states or not files.event_files or os.environ.get(READ_WORKER_ENV) == "0"
-                or not hasattr(os, "fork") or threading.active_count() > 1 or usable_cores() < 2
+                or not hasattr(os, "fork") or not single_threaded() or usable_cores() < 2
                 or sum(map(size, files.trainer_states)) < CONCURRENT_MIN_BYTES
                 or not CONCURRENT_MIN_BYTES <= sum(map(size, files.event_files)) <= CONCURRENT_MAX_BYTES):
             return None
@@ -406,6 +406,16 @@ class _EventWorker:
             os.waitpid(pid, 0)
         except OSError:  # ChildProcessError: already reaped
             pass
+
+
+def single_threaded() -> bool:
+    """Does this process run one thread, native ones included (numpy's OpenBLAS pool, torch's)? Only then is a
+    fork safe: the child gets a copy of the memory but only the forking thread, so a lock another thread held
+    stays locked in the child forever. Counted from /proc/self/task; where that is missing (not Linux), False."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 def usable_cores() -> int:
