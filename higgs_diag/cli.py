@@ -186,9 +186,10 @@ def _single_threaded_blas() -> None:
 TRIAGE_ORDER = {"critical": 0, "warning": 1, "healthy": 2}
 
 
-# The triage table's verdict for a run with no report, by error_kind: a killed worker (out of memory, most likely)
-# is not reported as a bug of higgs-diag, though both exit 3.
-UNANALYZED_VERDICT = {"unreadable": "error", "internal": "internal-error", "crashed": "worker-killed"}
+# The triage table's verdict for a run with no report, by error_kind: a worker process that died (killed by the
+# OOM killer, most likely; the error says the signal or exit code) is not reported as a bug of higgs-diag, though
+# both exit 3.
+UNANALYZED_VERDICT = {"unreadable": "error", "internal": "internal-error", "crashed": "worker-died"}
 
 
 def _triage(runs: list[Path], fmt: str, jobs: int | None, output: Path | None, fail_on: str, thresholds,

@@ -252,8 +252,9 @@ def test_the_worker_is_the_default_and_reads_serially_when_it_cannot_help(tmp_pa
     monkeypatch.delenv(load.READ_WORKER_ENV, raising=False)
     load.load_run(root)  # the default: forked
     assert started[-1] is not None and started[-1].pid is None  # started and reaped
-    monkeypatch.setenv(load.READ_WORKER_ENV, "0")
-    load.load_run(root)  # turned off
+    for off in ("0", "off", " False "):
+        monkeypatch.setenv(load.READ_WORKER_ENV, off)
+        load.load_run(root)  # turned off
     monkeypatch.delenv(load.READ_WORKER_ENV)
     monkeypatch.setattr(load, "usable_cores", lambda: 1)
     load.load_run(root)  # one core: nothing to overlap on
@@ -269,4 +270,101 @@ def test_the_worker_is_the_default_and_reads_serially_when_it_cannot_help(tmp_pa
     monkeypatch.setattr(load, "CONCURRENT_MAX_BYTES", 1 << 30)
     (root / "trainer_state.json").unlink()
     load.load_run(root)  # only an event file: nothing to overlap
-    assert started[1:] == [None] * 6
+    assert started[1:] == [None] * 8
+
+
+# The forked reader's process hygiene, each in a fresh interpreter (single-threaded, as the CLI is; the test
+# process has BLAS threads): the reader never outlives what started it, and never holds the caller's pipes.
+_HYGIENE_PRELUDE = """
+import os, signal, sys, time
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ.pop("HIGGS_DIAG_READ_WORKER", None)
+import higgs_diag.run.load as load
+import higgs_diag.run.events as events
+load.CONCURRENT_MIN_BYTES = 0
+load.usable_cores = lambda: 2
+root = sys.argv[1]
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(int(d))
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_an_interrupt_just_after_the_fork_leaves_no_child_and_no_pipe(tmp_path):
+    """Ctrl-C landing right after fork() returns in the parent (a trace hook raises KeyboardInterrupt at the first
+    line that sees the child's pid, as a signal could): the child is killed and reaped, both pipe ends closed."""
+    import subprocess
+    import sys
+
+    root = _write_run(tmp_path / "r", list(range(1, 40)), log=False)
+    script = _HYGIENE_PRELUDE + """
+parent = os.getpid()
+code = load._EventWorker.start.__func__.__code__
+def tracer(frame, event, arg):
+    if frame.f_code is not code:
+        return None
+    def local(frame, event, arg):
+        if event == "line" and os.getpid() == parent and frame.f_locals.get("pid"):
+            raise KeyboardInterrupt
+        return local
+    return local
+fds = set(os.listdir("/proc/self/fd"))
+sys.settrace(tracer)
+try:
+    load.load_run(root)
+    print("no interrupt")
+except KeyboardInterrupt:
+    print("interrupted")
+sys.settrace(None)
+kids = [d for d in os.listdir("/proc") if d.isdigit() and os.path.exists(f"/proc/{d}/stat")
+        and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(parent)]
+print("children", len(kids), "leaked", len(set(os.listdir("/proc/self/fd")) - fds))
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["interrupted", "children", "0", "leaked", "0"], out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_the_reader_dies_with_its_parent_and_never_holds_its_output(tmp_path):
+    """The parent killed outright (the OOM killer, a timeout's SIGKILL) while its reader works: whoever reads the
+    parent's stdout sees EOF at once (the reader's stdout is /dev/null), and the reader is gone too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = _write_run(tmp_path / "r", list(range(1, 40)), log=False)
+    script = _HYGIENE_PRELUDE + """
+real = events.read_event_file
+def slow(path, *a, **k):
+    time.sleep(60)
+    return real(path, *a, **k)
+events.read_event_file = slow
+from higgs_diag.run.discover import discover
+worker = load._EventWorker.start(discover(root), load._size)
+print(worker.pid, flush=True)
+time.sleep(0.5)  # the reader is in its sleep
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    t = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=30)  # EOF on both pipes: nobody else holds them
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGKILL, err
+    assert time.monotonic() - t < 30
+    child = int(out.split()[0])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # re-parented to init, which reaps it once it died
+    assert not Path(f"/proc/{child}").exists(), "the reader outlived its parent"

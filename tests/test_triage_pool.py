@@ -113,13 +113,13 @@ def test_a_run_that_killed_its_worker_once_is_retried_and_analyzed(tmp_path):
     _no_workers_left()
 
 
-def test_the_cli_reports_a_dead_worker_as_worker_killed_exit_3(tmp_path, monkeypatch):
+def test_the_cli_reports_a_dead_worker_as_worker_died_exit_3(tmp_path, monkeypatch):
     runs = [_copy(tmp_path, "healthy"), _copy(tmp_path, "no-learning", "victim", KILL)]
     monkeypatch.setattr(api, "_outcome", _killing)  # the workers import the module afresh: _killing is pickled
     r = runner().invoke(main, ["analyze", *map(str, runs), "--jobs", "2"])
     assert r.exit_code == 3, r.output
     lines = r.stdout.strip().splitlines()
-    assert lines[1].startswith("healthy") and lines[2].startswith("worker-killed")
+    assert lines[1].startswith("healthy") and lines[2].startswith("worker-died")
     assert "worker process killed by SIGKILL" in lines[2] and "victim" in lines[2]
     assert "2 runs: 0 critical, 0 warning, 1 healthy, 1 not analyzed" in r.stderr
     _no_workers_left()
@@ -171,3 +171,15 @@ def test_a_single_thread_is_counted_with_the_native_ones():
     two = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "N": "2"})
     assert one.stdout.split() == ["1", "True"], one.stderr
     assert two.stdout.split() == ["1", "False"], two.stderr
+
+
+def test_the_pool_starts_its_workers_the_way_start_method_says(tmp_path, monkeypatch, start_method):
+    import multiprocessing
+
+    asked = []
+    real = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda m=None: asked.append(m) or real(m))
+    runs = [_copy(tmp_path, "healthy"), _copy(tmp_path, "no-learning")]
+    assert [o["kind"] for o in analyze_many(runs, jobs=2)] == [None, None]
+    assert asked == [start_method]
+    _no_workers_left()

@@ -330,7 +330,7 @@ def _usable(run: Run) -> bool:
 # holds the GIL).
 CONCURRENT_MIN_BYTES = 4 * 1024 * 1024  # both the state files and the event files at least this big
 CONCURRENT_MAX_BYTES = 256 * 1024 * 1024  # and the event files at most this big
-READ_WORKER_ENV = "HIGGS_DIAG_READ_WORKER"  # "0": always read serially
+READ_WORKER_ENV = "HIGGS_DIAG_READ_WORKER"  # 0 / false / no / off: always read serially
 _HEAD = struct.Struct("<q")
 
 
@@ -342,7 +342,7 @@ class _EventWorker:
 
     @classmethod
     def start(cls, files: RunFiles, size) -> "_EventWorker | None":
-        if (not files.trainer_states or not files.event_files or os.environ.get(READ_WORKER_ENV) == "0"
+        if (not files.trainer_states or not files.event_files or _turned_off(os.environ.get(READ_WORKER_ENV))
                 or not hasattr(os, "fork") or not single_threaded() or usable_cores() < 2
                 or sum(map(size, files.trainer_states)) < CONCURRENT_MIN_BYTES
                 or not CONCURRENT_MIN_BYTES <= sum(map(size, files.event_files)) <= CONCURRENT_MAX_BYTES):
@@ -358,22 +358,39 @@ class _EventWorker:
             r, w = os.pipe()
         except OSError:
             return None
+        # No signal handler may run between the fork and the moment each side owns its part: a Ctrl-C there would
+        # leave the child unreaped (parent) or run the caller's code in the child. Blocked signals stay pending.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+        pid = None
         try:
             pid = os.fork()
-        except OSError:
-            os.close(r)
+            if pid == 0:  # the child: read, send, leave without running any of the parent's exit handlers
+                code = 1
+                try:
+                    os.close(r)
+                    _detach_child()
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C to the group ends it (code 1)
+                    _send_results(w, [read_event_file(p) for p in files.event_files])
+                    code = 0
+                finally:
+                    os._exit(code)
             os.close(w)
-            return None
-        if pid == 0:  # the child: read, send, leave without running any of the parent's exit handlers
-            code = 1
-            try:
-                os.close(r)
-                _send_results(w, [read_event_file(p) for p in files.event_files])
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        return cls(pid, r, len(files.event_files))
+            w = -1
+            return cls(pid, r, len(files.event_files))
+        except BaseException as e:  # noqa: BLE001 - never leave a child or a pipe behind
+            if pid == 0:  # (cannot happen: the child leaves through os._exit) never run the caller's code twice
+                os._exit(1)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
+            if pid is None and isinstance(e, OSError):  # fork failed (no memory, too many processes): read serially
+                return None
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C arrives here
 
     def results(self) -> list | None:
         """The child's EventFileResults, one per event file, or None when it did not deliver them all."""
@@ -408,6 +425,10 @@ class _EventWorker:
             pass
 
 
+def _turned_off(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+
+
 def single_threaded() -> bool:
     """Does this process run one thread, native ones included (numpy's OpenBLAS pool, torch's)? Only then is a
     fork safe: the child gets a copy of the memory but only the forking thread, so a lock another thread held
@@ -425,6 +446,30 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+_FORK_BLOCKED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+
+def _detach_child() -> None:
+    """In the forked reader: it inherits the caller's stdin/stdout/stderr, and a caller waiting for EOF on a pipe
+    of ours must not wait for it, so they go to /dev/null; and it dies with its parent (Linux), instead of
+    reading on for a parent that was killed."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() == 1:  # the parent died before the line above: nobody is reading
+        os._exit(1)
 
 
 def _send_results(fd: int, results: list) -> None:
