@@ -9,6 +9,7 @@ Budget: ``HIGGS_DIAG_FUZZ_EXAMPLES`` examples per property (a few seconds each b
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import json
 import math
@@ -36,6 +37,84 @@ FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=not F
                          suppress_health_check=list(HealthCheck), print_blob=True)
 _TMP = Path(tempfile.mkdtemp(prefix="higgs-diag-fuzz-"))
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+
+
+# Each input's own memory: the peak RSS (VmHWM, reset through /proc/self/clear_refs before the reader runs) may
+# rise at most this far above the RSS at its start. A reader that allocates from a size a file claims, or holds a
+# copy per byte, fails here; hypothesis's own bookkeeping (its tree of the examples tried, ~0.1 MB an example of
+# the state strategy, measured the same with the reader call removed) is outside the measured window. Where the
+# peak cannot be reset (not Linux, a locked-down /proc) the bound is not checked.
+INPUT_PEAK_LIMIT_MB = 64
+peaks_mb: dict[str, float] = {}  # the largest rise seen per property, for the make fuzz summary
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_bounded(test):
+    """Run the property's body with its peak memory measured (INPUT_PEAK_LIMIT_MB)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        try:
+            before = _status_mb("VmRSS")
+        except OSError:
+            return test(*args, **kwargs)
+        if not _reset_peak():
+            return test(*args, **kwargs)
+        out = test(*args, **kwargs)
+        rise = _status_mb("VmHWM") - before
+        peaks_mb[test.__name__] = max(peaks_mb.get(test.__name__, 0.0), rise)
+        assert rise <= INPUT_PEAK_LIMIT_MB, f"one input took {rise:.0f} MB over the {before:.0f} MB it started at"
+        return out
+    return wrapper
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _peak_summary(request):
+    """After the properties: the largest per-input memory rise each one saw (printed; `make fuzz` shows it)."""
+    yield
+    if peaks_mb:
+        line = "per-input peak memory rise, largest seen: " + ", ".join(
+            f"{k.removeprefix('test_fuzz_')} {v:.1f} MB" for k, v in sorted(peaks_mb.items()))
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        tr = request.config.pluginmanager.get_plugin("terminalreporter")
+        if capture is not None and tr is not None:
+            with capture.global_and_fixture_disabled():
+                tr.write_line(f"\n{line} (limit {INPUT_PEAK_LIMIT_MB} MB)")
+
+
+def test_the_memory_bound_catches_an_input_that_blows_up():
+    if not (_reset_peak() and Path("/proc/self/status").exists()):
+        pytest.skip("the peak RSS cannot be reset here")
+
+    @memory_bounded
+    def greedy():
+        block = np.ones((INPUT_PEAK_LIMIT_MB + 64) * 2 ** 20 // 8)  # touched: resident
+        return float(block[-1])
+
+    with pytest.raises(AssertionError, match="one input took"):
+        greedy()
+
+    @memory_bounded
+    def modest():
+        return float(np.ones(2 ** 20 // 8)[-1])
+
+    assert modest() == 1.0
+    peaks_mb.pop("greedy", None), peaks_mb.pop("modest", None)
 
 
 def _file(name: str, data: bytes) -> Path:
@@ -130,6 +209,7 @@ def damaged(draw, data: bytes) -> bytes:
 @FUZZ_SETTINGS
 @given(state_text())
 @with_corpus("trainer_state")
+@memory_bounded
 def test_fuzz_trainer_state_reader(data):
     res = read_trainer_state(_file("trainer_state.json", data))
     assert len(res.steps) == len(res.metrics) == len(res.values)
@@ -175,6 +255,7 @@ def _same(a: EventFileResult, b: EventFileResult) -> None:
 
 @FUZZ_SETTINGS
 @given(event_file(), st.integers(1, 300))
+@memory_bounded
 def test_fuzz_event_reader(data, chunk):
     path = _file("events.out.tfevents.1.host.1.0", data)
     whole = read_event_file(path)
@@ -230,6 +311,7 @@ def log_bytes(draw) -> bytes:
 @FUZZ_SETTINGS
 @given(log_bytes())
 @with_corpus("logs")
+@memory_bounded
 def test_fuzz_console_log_reader(data):
     from higgs_diag.run.logs import read_log
 
@@ -270,6 +352,7 @@ def _tiny_run(args: dict | None, config: dict | None):
 @FUZZ_SETTINGS
 @given(config_text())
 @with_corpus("args")
+@memory_bounded
 def test_fuzz_config_parser_and_checks(data):
     from higgs_diag.checks import run_checks
     from higgs_diag.run.load import _parse_json_text
@@ -319,6 +402,7 @@ def batch_bytes(draw) -> bytes:
 
 @FUZZ_SETTINGS
 @given(batch_bytes())
+@memory_bounded
 def test_fuzz_batch_loader(data):
     import warnings
 
