@@ -236,18 +236,26 @@ def _read_all(fh, size: int, limit: int) -> bytes:
 _BOM = b"\xef\xbb\xbf"
 
 
+def _fast_result(raw: bytes, name: str) -> StateResult | None:
+    """The fast parser's reading of ``raw``; None when it refuses the bytes, or when they nest over the limit (the
+    exact path then says where)."""
+    data = fast_loads(raw)
+    if data is NOT_FAST:
+        return None
+    try:
+        return state_result(data, name, [], fast=True)
+    except _TooDeep:
+        return None
+
+
 def _read_whole(raw: bytes, name: str) -> StateResult:
     if not raw[:64].strip() and not raw.strip():
         return StateResult(None, problems=[ReadProblem(name, "empty file", kind="empty", fatal=True)])
     tried = not raw.startswith(_BOM)
     if tried:  # first the fast parser: JSON it reads is UTF-8 text (it checks) and no Git LFS pointer
-        data = fast_loads(raw)
-        if data is not NOT_FAST:
-            try:
-                return state_result(data, name, [], fast=True)
-            except _TooDeep:  # nested over the limit: the exact path below says where
-                pass
-        data = None
+        fast = _fast_result(raw, name)
+        if fast is not None:
+            return fast
     text = None
     if not raw.isascii():
         try:
@@ -264,13 +272,10 @@ def _read_whole(raw: bytes, name: str) -> StateResult:
             kind="lfs-pointer", fatal=True)])
     if raw.startswith(_BOM):
         raw = raw[3:]
-    data = fast_loads(raw) if not tried else NOT_FAST
-    if data is not NOT_FAST:
-        try:
-            return state_result(data, name, [], fast=True)
-        except _TooDeep:  # nested over the limit: the exact path below says where
-            pass
-    data = None
+    if not tried:
+        fast = _fast_result(raw, name)
+        if fast is not None:
+            return fast
     text = raw.decode("ascii") if text is None else text
     problems: list[ReadProblem] = []
     try:
