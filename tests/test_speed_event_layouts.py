@@ -26,6 +26,11 @@ def _bits(s: pd.Series) -> np.ndarray:
 def _fast_and_slow(tmp_path, monkeypatch, payloads: list[bytes]):
     path = tmp_path / "events.out.tfevents.1.host"
     path.write_bytes(frame_records(payloads))
+    return _read_both(path, monkeypatch)
+
+
+def _read_both(path, monkeypatch):
+    """The file read as it is, and with the fast scalar path off (every record through protobuf)."""
     fast = read_event_file(path)
     with monkeypatch.context() as m:
         m.setattr(ev, "fast_scalars", lambda *a, **k: EMPTY)
@@ -84,10 +89,7 @@ def test_damaged_records_among_fast_ones(tmp_path, monkeypatch):
         k += 1
     path = tmp_path / "events.out.tfevents.2.host"
     path.write_bytes(bytes(blob))
-    fast = read_event_file(path)
-    with monkeypatch.context() as m:
-        m.setattr(ev, "fast_scalars", lambda *a, **k: EMPTY)
-        slow = read_event_file(path)
+    fast, slow = _read_both(path, monkeypatch)
     _same(fast, slow)
     assert sum(p.kind == "crc" for p in fast.problems) >= 10
 
