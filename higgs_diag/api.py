@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 from .config import ReplayOptions, Selection, Thresholds
 from .diagnosis import Diagnosis
 from .evidence import ReplayEvidence
-from .run.load import READ_WORKER_ENV, single_threaded, usable_cores
+from .procs import single_threaded, usable_cores
+from .run.read_worker import READ_WORKER_ENV
 from .run.model import Run
 
 Progress = Callable[[int, int, str], None]

@@ -13,6 +13,7 @@ import pytest
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
 import higgs_diag.run.load as load
+import higgs_diag.run.read_worker as read_worker
 from higgs_diag.run.events import frame_records
 from higgs_diag.run.model import SCALAR_COLUMNS, STEP_INT32_LIMIT
 
@@ -170,25 +171,25 @@ def test_assemble_keeps_category_order_and_lets_parts_go():
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def always_concurrent(monkeypatch):
-    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
-    monkeypatch.setattr(load, "single_threaded", lambda: True)  # the test process may have BLAS threads
-    monkeypatch.setattr(load, "usable_cores", lambda: 2)
-    monkeypatch.setenv(load.READ_WORKER_ENV, "1")
+    monkeypatch.setattr(read_worker, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.setattr(read_worker, "single_threaded", lambda: True)  # the test process may have BLAS threads
+    monkeypatch.setattr(read_worker, "usable_cores", lambda: 2)
+    monkeypatch.setenv(read_worker.READ_WORKER_ENV, "1")
     started = []
-    orig = load._EventWorker.start.__func__
+    orig = read_worker.EventWorker.start.__func__
 
     def start(cls, files, size):
         w = orig(cls, files, size)
         started.append(w)
         return w
 
-    monkeypatch.setattr(load._EventWorker, "start", classmethod(start))
+    monkeypatch.setattr(read_worker.EventWorker, "start", classmethod(start))
     return started
 
 
 def _serial(monkeypatch, root):
     with monkeypatch.context() as m:
-        m.setenv(load.READ_WORKER_ENV, "0")
+        m.setenv(read_worker.READ_WORKER_ENV, "0")
         return load.load_run(root)
 
 
@@ -216,15 +217,15 @@ def test_worker_failure_reads_again_here(tmp_path, monkeypatch, always_concurren
     where the same reader error surfaces exactly as it does serially."""
     root = _write_run(tmp_path / "r", list(range(1, 50)), log=False)
     calls = []
-    real = load._send_results
+    real = read_worker._send_results
 
     def dying(fd, results):
         os._exit(3)  # in the child: as if it crashed before sending anything
 
-    monkeypatch.setattr(load, "_send_results", dying)
+    monkeypatch.setattr(read_worker, "_send_results", dying)
     run = load.load_run(root)
     assert always_concurrent[0] is not None and always_concurrent[0].pid is None
-    monkeypatch.setattr(load, "_send_results", real)
+    monkeypatch.setattr(read_worker, "_send_results", real)
     _assert_same_run(run, _serial(monkeypatch, root))
 
     import higgs_diag.run.events as events
@@ -243,31 +244,31 @@ def test_worker_failure_reads_again_here(tmp_path, monkeypatch, always_concurren
 def test_the_worker_is_the_default_and_reads_serially_when_it_cannot_help(tmp_path, monkeypatch):
     root = _write_run(tmp_path / "r", list(range(1, 30)), log=False)
     started = []
-    orig = load._EventWorker.start.__func__
-    monkeypatch.setattr(load._EventWorker, "start",
+    orig = read_worker.EventWorker.start.__func__
+    monkeypatch.setattr(read_worker.EventWorker, "start",
                         classmethod(lambda cls, f, s: started.append(orig(cls, f, s)) or started[-1]))
-    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
-    monkeypatch.setattr(load, "usable_cores", lambda: 2)
-    monkeypatch.setattr(load, "single_threaded", lambda: True)
-    monkeypatch.delenv(load.READ_WORKER_ENV, raising=False)
+    monkeypatch.setattr(read_worker, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.setattr(read_worker, "usable_cores", lambda: 2)
+    monkeypatch.setattr(read_worker, "single_threaded", lambda: True)
+    monkeypatch.delenv(read_worker.READ_WORKER_ENV, raising=False)
     load.load_run(root)  # the default: forked
     assert started[-1] is not None and started[-1].pid is None  # started and reaped
     for off in ("0", "off", " False "):
-        monkeypatch.setenv(load.READ_WORKER_ENV, off)
+        monkeypatch.setenv(read_worker.READ_WORKER_ENV, off)
         load.load_run(root)  # turned off
-    monkeypatch.delenv(load.READ_WORKER_ENV)
-    monkeypatch.setattr(load, "usable_cores", lambda: 1)
+    monkeypatch.delenv(read_worker.READ_WORKER_ENV)
+    monkeypatch.setattr(read_worker, "usable_cores", lambda: 1)
     load.load_run(root)  # one core: nothing to overlap on
-    monkeypatch.setattr(load, "usable_cores", lambda: 2)
-    monkeypatch.setattr(load, "single_threaded", lambda: False)
+    monkeypatch.setattr(read_worker, "usable_cores", lambda: 2)
+    monkeypatch.setattr(read_worker, "single_threaded", lambda: False)
     load.load_run(root)  # another thread runs: a fork could deadlock
-    monkeypatch.setattr(load, "single_threaded", lambda: True)
-    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(read_worker, "single_threaded", lambda: True)
+    monkeypatch.setattr(read_worker, "CONCURRENT_MIN_BYTES", 1 << 20)
     load.load_run(root)  # files of a few KB: below CONCURRENT_MIN_BYTES
-    monkeypatch.setattr(load, "CONCURRENT_MIN_BYTES", 0)
-    monkeypatch.setattr(load, "CONCURRENT_MAX_BYTES", 100)
+    monkeypatch.setattr(read_worker, "CONCURRENT_MIN_BYTES", 0)
+    monkeypatch.setattr(read_worker, "CONCURRENT_MAX_BYTES", 100)
     load.load_run(root)  # the event file over CONCURRENT_MAX_BYTES: the two processes' memory would add up
-    monkeypatch.setattr(load, "CONCURRENT_MAX_BYTES", 1 << 30)
+    monkeypatch.setattr(read_worker, "CONCURRENT_MAX_BYTES", 1 << 30)
     (root / "trainer_state.json").unlink()
     load.load_run(root)  # only an event file: nothing to overlap
     assert started[1:] == [None] * 8
@@ -280,9 +281,10 @@ import os, signal, sys, time
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 os.environ.pop("HIGGS_DIAG_READ_WORKER", None)
 import higgs_diag.run.load as load
+import higgs_diag.run.read_worker as read_worker
 import higgs_diag.run.events as events
-load.CONCURRENT_MIN_BYTES = 0
-load.usable_cores = lambda: 2
+read_worker.CONCURRENT_MIN_BYTES = 0
+read_worker.usable_cores = lambda: 2
 root = sys.argv[1]
 """
 
@@ -308,7 +310,7 @@ def test_an_interrupt_just_after_the_fork_leaves_no_child_and_no_pipe(tmp_path):
     root = _write_run(tmp_path / "r", list(range(1, 40)), log=False)
     script = _HYGIENE_PRELUDE + """
 parent = os.getpid()
-code = load._EventWorker.start.__func__.__code__
+code = read_worker.EventWorker.start.__func__.__code__
 def tracer(frame, event, arg):
     if frame.f_code is not code:
         return None
@@ -350,7 +352,7 @@ def slow(path, *a, **k):
     return real(path, *a, **k)
 events.read_event_file = slow
 from higgs_diag.run.discover import discover
-worker = load._EventWorker.start(discover(root), load._size)
+worker = read_worker.EventWorker.start(discover(root), load._size)
 print(worker.pid, flush=True)
 time.sleep(0.5)  # the reader is in its sleep
 os.kill(os.getpid(), signal.SIGKILL)

@@ -166,7 +166,7 @@ def test_a_single_thread_is_counted_with_the_native_ones():
         pytest.skip("OpenBLAS starts no second thread on one core")
 
     code = ("import os\nos.environ['OPENBLAS_NUM_THREADS'] = os.environ['N']\nimport numpy, threading\n"
-            "from higgs_diag.run.load import single_threaded\nprint(threading.active_count(), single_threaded())\n")
+            "from higgs_diag.procs import single_threaded\nprint(threading.active_count(), single_threaded())\n")
     one = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "N": "1"})
     two = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "N": "2"})
     assert one.stdout.split() == ["1", "True"], one.stderr
