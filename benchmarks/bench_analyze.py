@@ -22,15 +22,12 @@ Usage: python benchmarks/bench_analyze.py [--regenerate] [--only a,b,c,d]
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import math
-import os
 import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -55,6 +52,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from _proc import measure  # noqa: E402  (the fresh-process wall / cpu / peak RSS measurement)
+from _proc import installed_env  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,13 +471,9 @@ def main() -> int:
           f"  {ev_path.relative_to(RUN)} {ev_path.stat().st_size / 1e6:.1f} MB, {written:,} scalar points written",
           file=sys.stderr)
 
-    # higgs-diag as installed: pip writes the .pyc files, and an editable install writes them on first use, unless
-    # PYTHONDONTWRITEBYTECODE is set (as on the development machine), which would make every (a) and (b) process
-    # compile our modules again (~0.06 s). Those children get a bytecode cache in a temporary folder (never in the
-    # repo), filled by one warm-up that is not counted; tbparse and TensorBoard keep their installed .pyc files.
-    env_ours = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env_ours["PYTHONPYCACHEPREFIX"] = pyc = tempfile.mkdtemp(prefix="bench-analyze-pyc-")
-    atexit.register(shutil.rmtree, pyc, True)
+    # (a) and (b) run higgs-diag as installed, with its .pyc files (one warm-up fills the cache); tbparse and
+    # TensorBoard, (c) and (d), keep their installed .pyc files
+    env_ours = installed_env("analyze")
     if only & {"a", "b"}:
         subprocess.run([str(cli), "analyze", str(RUN), "--format", "json"], capture_output=True, env=env_ours)
     if "a" in only:

@@ -14,13 +14,9 @@ Usage: python benchmarks/bench_checks.py [--repeat N] [--profile]
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
-import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 import sys
 import time
 from pathlib import Path
@@ -29,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from _proc import installed_env  # noqa: E402
 from _targets import target  # noqa: E402
 
 GOAL_S = 0.25
@@ -81,12 +78,9 @@ def main() -> None:
     warm = statistics.median(times)
     print(f"in this process: first call {t_first:.3f} s; then median of {a.repeat} {warm:.3f} s "
           f"(min {min(times):.3f}, max {max(times):.3f}); {len(first)} findings", flush=True)
-    # An installed package has its .pyc files; this machine sets PYTHONDONTWRITEBYTECODE, which would make every
-    # child compile the rule modules again (~50 ms of the first call). The children get a bytecode cache in a
-    # temporary folder (never in the repo), filled by one warm-up child that is not counted.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = pyc = tempfile.mkdtemp(prefix="bench-checks-pyc-")
-    atexit.register(shutil.rmtree, pyc, True)
+    # the children run higgs-diag as installed, with its .pyc files (the rule modules would otherwise be compiled
+    # again, ~50 ms of the first call); one warm-up child fills the cache
+    env = installed_env("checks")
     subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True, check=True, env=env)
     cold, cpu = [], []
     for _ in range(a.repeat):
@@ -95,7 +89,6 @@ def main() -> None:
         line = next(ln.split() for ln in out.splitlines() if ln.startswith("CHILD "))
         cold.append(float(line[1]))
         cpu.append(float(line[2]))
-    shutil.rmtree(env["PYTHONPYCACHEPREFIX"], ignore_errors=True)
     med, med_cpu = statistics.median(cold), statistics.median(cpu)
     print(f"first call in a fresh process (what analyze pays): median of {a.repeat} {med:.3f} s wall "
           f"(min {min(cold):.3f}, max {max(cold):.3f}), {med_cpu:.3f} s CPU (min {min(cpu):.3f})", flush=True)
