@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
