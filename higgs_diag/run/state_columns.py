@@ -427,6 +427,5 @@ class _Flat:
                                         np.concatenate([p[k] for p in parts]) for k in range(3))
         res.metric_codes, res.metric_names = codes, list(self.codes)
         res.metric_used = np.asarray(sorted(self.used), dtype=np.int64)
-        res.__dict__.pop("metrics", None)  # the names per point are made when asked for (StateResult.__getattr__)
 
 

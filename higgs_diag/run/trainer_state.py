@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .. import limits
@@ -129,9 +130,9 @@ def loads_bounded(text: str, raw: bytes | None = None):
 @dataclass
 class StateResult:
     info: TrainerStateInfo | None
-    # long columns in entry order (numpy arrays once read; lists when empty)
+    # long columns in entry order (numpy arrays once read; lists when empty); the metric of each point is
+    # metric_codes into metric_names (``metrics`` gives the names)
     steps: "np.ndarray | list" = field(default_factory=list)
-    metrics: "np.ndarray | list" = field(default_factory=list)
     values: "np.ndarray | list" = field(default_factory=list)
     problems: list[ReadProblem] = field(default_factory=list)
     non_numeric: int = 0  # values that were neither numbers nor numeric strings (kept out of the scalars)
@@ -142,17 +143,15 @@ class StateResult:
     metric_names: list[str] = field(default_factory=list)
     metric_used: "np.ndarray | None" = None  # the codes that have points, ascending (None: counted when needed)
 
-    def __getattr__(self, name: str):
-        """``metrics`` (the name of every point, an object array) is made from the codes when first asked for:
-        load_run uses the codes (:meth:`metric_categorical`), so analyze never builds it (861k references for
-        the reference run)."""
-        d = self.__dict__
-        if name == "metrics" and d.get("metric_codes") is not None:
-            names = np.empty(len(d["metric_names"]), dtype=object)
-            names[:] = d["metric_names"]
-            d["metrics"] = m = names[d["metric_codes"]]
-            return m
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    @cached_property
+    def metrics(self) -> "np.ndarray | list":
+        """The metric name of every point, in entry order (an object array, made from the codes when first asked
+        for: load_run reads the codes through :meth:`metric_categorical` and never builds it)."""
+        if self.metric_codes is None:
+            return []
+        names = np.empty(len(self.metric_names), dtype=object)
+        names[:] = self.metric_names
+        return names[self.metric_codes]
 
     def metric_categorical(self):
         """``metrics`` as a pandas Categorical (categories sorted, as ``pd.Categorical(metrics)`` gives them),
